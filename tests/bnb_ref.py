@@ -1,0 +1,86 @@
+"""bitsandbytes as ground truth: thin helpers the parity tests share."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default import ops as default_ops
+
+from qlora_jax.quant import _tables
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# bitsandbytes' CPU 8-bit quantizer looks codes up in a 65536-entry table over [-1, 1]: one step.
+LUT_STEP = 2.0 / 65535
+
+
+def to_jax(t: torch.Tensor):
+    """The same values, bit for bit, as a JAX array of the same dtype."""
+    name = str(t.dtype).removeprefix("torch.")
+    return jnp.asarray(t.float().numpy()).astype(JAX_DTYPES[name])
+
+
+def random_tensor(shape, dtype: str, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(TORCH_DTYPES[dtype])
+
+
+def bnb_quantize(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, nested_blocksize=256):
+    """bitsandbytes' 4-bit state as numpy: codes, first-level absmax, and the nested state."""
+    packed, st = F.quantize_4bit(t, blocksize=blocksize, compress_statistics=False, quant_type=quant_type)
+    out = {"codes": packed.numpy().reshape(-1), "absmax": st.absmax.numpy(), "state": st, "packed": packed}
+    if double_quant:
+        offset = st.absmax.mean()
+        qabsmax, st2 = F.quantize_blockwise(st.absmax - offset, blocksize=nested_blocksize)
+        out.update(qabsmax=qabsmax.numpy(), absmax2=st2.absmax.numpy(), offset=np.float32(offset.item()))
+        # the same through quantize_4bit itself, so the test covers bitsandbytes' public entry point
+        packed_dq, st_dq = F.quantize_4bit(t, blocksize=blocksize, compress_statistics=True, quant_type=quant_type)
+        assert nested_blocksize != 256 or np.array_equal(st_dq.absmax.numpy(), out["qabsmax"])
+        out["state_dq"], out["packed_dq"] = st_dq, packed_dq
+    return out
+
+
+def bnb_dequantize_reference(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int,
+                             shape, dtype: torch.dtype) -> np.ndarray:
+    """bitsandbytes' pure-torch dequantization (its default backend, the semantics CUDA shares)."""
+    code = F.get_4bit_type(quant_type, device="cpu")
+    fn = getattr(default_ops._dequantize_4bit_compute, "__wrapped__", default_ops._dequantize_4bit_compute)
+    out = fn(packed.reshape(-1), absmax.float(), code, blocksize, tuple(shape), dtype)
+    return out.reshape(tuple(shape)).float().numpy()
+
+
+def nested_scaled(absmax: np.ndarray, offset: np.float32, absmax2: np.ndarray, nested_blocksize: int):
+    """The values bitsandbytes feeds its 8-bit quantizer: (absmax - offset) / absmax2 per block."""
+    centred = (absmax.astype(np.float32) - np.float32(offset)).astype(np.float32)
+    blocks = np.repeat(absmax2.astype(np.float32), nested_blocksize)[: centred.size]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.clip(centred * (np.float32(1) / blocks), -1, 1)
+
+
+def assert_nested_codes_match(ours, theirs, scaled) -> None:
+    """Nested codes agree except where bitsandbytes' CPU lookup table picks the neighbouring code.
+
+    Our rule is bitsandbytes' CUDA one (nearest code). Its CPU kernel indexes a 65536-entry table,
+    so values within one table step of a midpoint between two codes may take the other one. Any
+    disagreement must be by exactly one code, at such a near-midpoint value.
+    """
+    ours, theirs, scaled = (np.asarray(a).reshape(-1) for a in (ours, theirs, scaled))
+    diff = ours != theirs
+    if not diff.any():
+        return
+    o, t = ours[diff].astype(np.int64), theirs[diff].astype(np.int64)
+    assert np.all(np.abs(o - t) == 1), f"nested codes differ by more than one step: {list(zip(o, t))[:8]}"
+    lo = np.minimum(o, t)
+    mid = (_tables.DYNAMIC_MAP[lo] + _tables.DYNAMIC_MAP[lo + 1]) / 2
+    dist = np.abs(scaled[diff] - mid)
+    assert np.all(dist <= LUT_STEP), f"a nested code differs away from a midpoint: distances {dist.max()}"
+    # Near-midpoint values are rare (about 0.2% of codes on random weights); on a sample large
+    # enough to measure, a larger share would mean a systematic difference, not lookup-table steps.
+    assert diff.size < 1000 or diff.mean() < 0.01, f"{diff.mean():.2%} of nested codes differ"
