@@ -75,6 +75,9 @@ def quantize_4bit_flat(x_N: jnp.ndarray, quant_type: str, blocksize: int):
     n = x_N.shape[0]
     x_NBxB = _pad_to_blocks(x_N.astype(jnp.float32), blocksize)
     absmax_NB = jnp.max(jnp.abs(x_NBxB), axis=1)
+    # XLA's max skips NaN on CPU (fast min/max); torch's propagates it. Keep NaN visible, as in
+    # bitsandbytes: a block holding one dequantizes to NaN.
+    absmax_NB = jnp.where(jnp.isnan(x_NBxB).any(axis=1), jnp.nan, absmax_NB)
     scaled = _scale_blocks(x_NBxB, absmax_NB, n).reshape(-1)
     if n % blocksize:  # bitsandbytes stores the short last block's absmax clamped to 1e-38
         last = absmax_NB[-1]

@@ -8,7 +8,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from ._array import QuantizedArray, _leaf_bytes, dequantize, quantize
 
@@ -27,7 +27,7 @@ def path_str(path) -> str:
 
 def default_rule(path: str, x) -> bool:
     """2-D-or-more floating weights that are not embeddings, the LM head or norms."""
-    if getattr(x, "ndim", 0) < 2 or not np.issubdtype(np.dtype(x.dtype), np.floating):
+    if getattr(x, "ndim", 0) < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         return False
     return not any(re.search(p, path) for p in DEFAULT_SKIP_PATTERNS)
 
@@ -72,7 +72,7 @@ def quantize_params(params, *, rules: Rule | Sequence[str] | None = None, quant_
         return quantize(x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                         double_quant_blocksize=double_quant_blocksize, batch_dims=nbd)
 
-    return jax.tree_util.tree_map_with_path(convert, params)
+    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_quantized)
 
 
 def _is_quantized(x) -> bool:

@@ -1,0 +1,71 @@
+"""Hugging Face checkpoints on disk: find the safetensors files and read them one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jax.numpy.bfloat16, "F64": np.float64,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or the hub snapshot of ``path_or_hub_id`` (needs network)."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{str(path)!r} is a file; expected a checkpoint directory or a hub id")
+    if str(path_or_hub_id).count("/") > 1 or str(path_or_hub_id).startswith((".", "/")):
+        raise ValueError(f"checkpoint directory {str(path)!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_hub_id), revision=revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+def _weight_files(ckpt: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file holding it (single file or sharded index)."""
+    index = ckpt / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: ckpt / fname for name, fname in weight_map.items()}
+    single = ckpt / SINGLE_FILE
+    if not single.exists():
+        raise ValueError(f"{str(ckpt)!r} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    with safe_open(single, "numpy") as f:
+        return {name: single for name in f.keys()}
+
+
+def tensor_specs(ckpt: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of every tensor, from the safetensors headers only (no data is read)."""
+    ckpt = Path(ckpt)
+    specs = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in _weight_files(ckpt).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, "numpy") as f:
+            for name in names:
+                sl = f.get_slice(name)
+                specs[name] = jax.ShapeDtypeStruct(tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+    return dict(sorted(specs.items()))
+
+
+def iter_tensors(ckpt: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) one tensor at a time, file by file: host memory holds one tensor."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in _weight_files(Path(ckpt)).items():
+        by_file.setdefault(file, []).append(name)
+    for file in sorted(by_file):
+        with safe_open(file, "numpy") as f:
+            for name in sorted(by_file[file]):
+                yield name, f.get_tensor(name)
