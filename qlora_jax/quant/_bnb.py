@@ -43,8 +43,8 @@ def _prefixes(prefix: str, batch_shape: tuple[int, ...]) -> list[tuple[tuple[int
 
 
 def _state_of_one(q: QuantizedArray, idx: tuple[int, ...], p: str) -> dict[str, np.ndarray]:
-    def leaf(x):
-        return np.asarray(x)[idx]
+    def leaf(x):  # a writable copy: the caller owns what it gets
+        return np.array(np.asarray(x)[idx])
 
     out = {
         p: leaf(q.codes).reshape(-1, 1).astype(np.uint8),

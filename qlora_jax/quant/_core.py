@@ -85,7 +85,7 @@ def quantize_4bit_flat(x_N: jnp.ndarray, quant_type: str, blocksize: int):
     if quant_type == "nf4":
         q = _bucketize(scaled, _tables.NF4_MIDPOINTS)
     else:
-        q = jnp.asarray(_tables.FP4_ORDER)[_bucketize(scaled, _tables.FP4_MIDPOINTS)]
+        q = _lookup(_tables.FP4_ORDER, _bucketize(scaled, _tables.FP4_MIDPOINTS))
     # Padding elements are zeros: for odd N the low nibble of the last byte holds the code of 0.0,
     # which is what bitsandbytes pads with.
     q = q[: 2 * num_blocks(n, 2)].reshape(-1, 2)
@@ -93,11 +93,27 @@ def quantize_4bit_flat(x_N: jnp.ndarray, quant_type: str, blocksize: int):
     return packed, absmax_NB
 
 
+def _lookup(table: np.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
+    """``table[idx]`` for indices known to be in range (uint8 codes): no clamping in the gather."""
+    return jnp.asarray(table).at[idx.astype(jnp.int32)].get(mode="promise_in_bounds")
+
+
+# byte -> (code of the high nibble, code of the low nibble), fp32 [256, 2]
+_PAIR_TABLES = {name: np.stack([t[np.arange(256) >> 4], t[np.arange(256) & 0xF]], axis=-1)
+                for name, t in _tables.CODE_TABLES.items()}
+
+
 def dequantize_4bit_flat(packed: jnp.ndarray, absmax_NB: jnp.ndarray, n: int, quant_type: str,
                          blocksize: int) -> jnp.ndarray:
-    """fp32 [N]: ``code_table[q] * absmax[block]``."""
-    q = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)
-    vals = jnp.asarray(_tables.CODE_TABLES[quant_type])[q]
+    """fp32 [N]: ``code_table[q] * absmax[block]``.
+
+    One lookup per byte in a 256-entry table of (high, low) code pairs: on CPU this runs about
+    twice as fast as unpacking the nibbles into an interleaved array first.
+    """
+    if n % blocksize == 0:  # whole blocks: look up [NB, B/2] bytes, scale [NB, B/2, 2] values
+        pairs = _lookup(_PAIR_TABLES[quant_type], packed.reshape(-1, blocksize // 2))
+        return (pairs * absmax_NB[:, None, None]).reshape(-1)
+    vals = _lookup(_PAIR_TABLES[quant_type], packed).reshape(-1)
     vals_NBxB = _pad_to_blocks(vals[:n], blocksize)
     return (vals_NBxB * absmax_NB[:, None]).reshape(-1)[:n]
 
@@ -236,7 +252,7 @@ def dequantize_nested_flat(codes_NB: jnp.ndarray, absmax2_NB2: jnp.ndarray, offs
                            nested_blocksize: int) -> jnp.ndarray:
     """fp32 [NB]: ``dynamic_map[code] * absmax2[block] + offset`` (two roundings, as bitsandbytes)."""
     nb = codes_NB.shape[0]
-    vals = _pad_to_blocks(jnp.asarray(_tables.DYNAMIC_MAP)[codes_NB], nested_blocksize)
+    vals = _pad_to_blocks(_lookup(_tables.DYNAMIC_MAP, codes_NB), nested_blocksize)
     scaled = (vals * absmax2_NB2[:, None]).reshape(-1)[:nb]
     # XLA would contract the multiply-add into an FMA (one rounding); bitsandbytes rounds twice.
     # An optimization barrier does not survive to code generation; a select between the product
