@@ -42,7 +42,8 @@ def test_installed_kernels_package_location():
 
 
 def test_console_script():
-    out = subprocess.run(["qlora-jax", "--help"], check=True, capture_output=True, text=True).stdout
+    script = Path(sys.executable).parent / "qlora-jax"  # installed beside this environment's python
+    out = subprocess.run([str(script), "--help"], check=True, capture_output=True, text=True).stdout
     assert "info" in out
 
 

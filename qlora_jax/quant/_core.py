@@ -204,13 +204,12 @@ def _dquantize_cuda(x: jnp.ndarray, code: np.ndarray) -> jnp.ndarray:
     A 7-step binary search from pivot 127, then a comparison with the midpoint to the neighbour
     on the side of ``x``. A NaN (0 * 1/0 in an all-zero block) falls through to code 0, as on CUDA.
     """
-    table = jnp.asarray(code)
     pivot = jnp.full(x.shape, 127, jnp.int32)
     lower_pivot = jnp.zeros(x.shape, jnp.int32)
     upper_pivot = jnp.full(x.shape, 255, jnp.int32)
     lower = jnp.full(x.shape, -1.0, jnp.float32)
     upper = jnp.full(x.shape, 1.0, jnp.float32)
-    val = table[pivot]
+    val = _lookup(code, pivot)
     step = 64
     while step > 0:
         gt = x > val
@@ -219,10 +218,10 @@ def _dquantize_cuda(x: jnp.ndarray, code: np.ndarray) -> jnp.ndarray:
         upper_pivot = jnp.where(gt, upper_pivot, pivot)
         upper = jnp.where(gt, upper, val)
         pivot = jnp.where(gt, pivot + step, pivot - step)
-        val = table[pivot]
+        val = _lookup(code, pivot)
         step //= 2
-    upper = jnp.where(upper_pivot == 255, table[255], upper)
-    lower = jnp.where(lower_pivot == 0, table[0], lower)
+    upper = jnp.where(upper_pivot == 255, code[255], upper)
+    lower = jnp.where(lower_pivot == 0, code[0], lower)
     gt = x > val
     up = jnp.where(x > (upper + val) * 0.5, upper_pivot, pivot)
     down = jnp.where(x < (lower + val) * 0.5, lower_pivot, pivot)
