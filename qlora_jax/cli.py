@@ -8,6 +8,7 @@ with the issues that build them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers advises installing torch on import; configs and tokenizers need no torch
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)

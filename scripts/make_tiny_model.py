@@ -4,10 +4,12 @@
 """
 
 import argparse
+import os
 
 from qlora_jax.models import write_tiny_llama
 
 if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no torch needed here
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path")
     p.add_argument("--layers", type=int, default=4)
