@@ -1,11 +1,15 @@
 """Decoder models and Hugging Face checkpoints.
 
 So far: locating a checkpoint (local directory or hub id), streaming its safetensors tensor by
-tensor, and writing tiny random Llama checkpoints for tests and the demo. The Flax decoder
-family and ``from_pretrained`` build on these.
+tensor, the family's hyper-parameters from a transformers config, RoPE as transformers computes
+it, and tiny random Llama checkpoints for tests and the demo. The Flax decoder family and
+``from_pretrained`` build on these.
 """
 
 from ._checkpoint import iter_tensors, resolve_checkpoint, tensor_specs
+from ._config import SUPPORTED_MODEL_TYPES, DecoderConfig
+from ._rope import apply_rope, rope_cos_sin, rope_inv_freq
 from ._tiny import write_tiny_llama
 
-__all__ = ["iter_tensors", "resolve_checkpoint", "tensor_specs", "write_tiny_llama"]
+__all__ = ["DecoderConfig", "SUPPORTED_MODEL_TYPES", "apply_rope", "iter_tensors", "resolve_checkpoint",
+           "rope_cos_sin", "rope_inv_freq", "tensor_specs", "write_tiny_llama"]
