@@ -53,9 +53,13 @@ def test_inv_freq_matches_transformers(rope, head_dim, theta):
         theirs, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(hf)
     else:
         theirs, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
-    # theta ** x goes through numpy's pow here and torch's there: the two libms may round 1-2 ulps apart
+    # The unscaled frequencies are correctly rounded; torch's fp32 pow lands up to 4 ulps away
+    # (seen at theta 5e5, head_dim 128), and the scaling arithmetic carries that difference along.
+    exact = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    if rope is None:
+        np.testing.assert_array_equal(ours, exact)
     ulps = np.abs(ours - theirs.numpy()) / np.spacing(theirs.numpy())
-    assert ulps.max() <= 2, ulps.max()
+    assert ulps.max() <= 4, ulps.max()
 
 
 def test_apply_rope_matches_transformers():

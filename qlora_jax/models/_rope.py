@@ -11,8 +11,10 @@ import numpy as np
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     """fp32 inverse frequencies [head_dim / 2]: ``1 / theta**(2i/d)``, rescaled for "llama3"
     (wavelength bands) or "linear" scaling, as ``transformers.modeling_rope_utils``."""
-    exponents = (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim))
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    # Correctly rounded (evaluated in fp64): torch's fp32 pow is a few ulps off and no libm
+    # reproduces it; the logits do not notice.
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    inv_freq = (1.0 / (float(theta) ** exponents)).astype(np.float32)
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
