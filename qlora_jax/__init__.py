@@ -4,12 +4,13 @@ The base is frozen in 4-bit NormalFloat with double-quantized scales (``quantize
 ``quantize_params``), bit-exact with bitsandbytes; see ``qlora_jax.quant``.
 """
 
-from .quant import (QuantizedArray, StorageReport, dequantize, dequantize_params, from_bnb_state, quantize,
-                    quantize_params, storage_report, to_bnb_state)
+from .models import from_pretrained
+from .quant import (QuantConfig, QuantizedArray, StorageReport, dequantize, dequantize_params, from_bnb_state,
+                    quantize, quantize_params, storage_report, to_bnb_state)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantizedArray", "StorageReport", "dequantize", "dequantize_params", "from_bnb_state", "quantize",
+    "QuantConfig", "QuantizedArray", "from_pretrained", "StorageReport", "dequantize", "dequantize_params", "from_bnb_state", "quantize",
     "quantize_params", "storage_report", "to_bnb_state",
 ]

@@ -17,6 +17,14 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jax.numpy.bfloat16, "F6
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+def _open(file: Path):
+    """safe_open with a clear error for a missing, truncated or corrupt file."""
+    try:
+        return safe_open(file, "numpy")
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError, ...)
+        raise ValueError(f"cannot read safetensors file {str(file)!r}: {e}") from e
+
+
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint directory, or the hub snapshot of ``path_or_hub_id`` (needs network)."""
     path = Path(path_or_hub_id)
@@ -41,7 +49,7 @@ def _weight_files(ckpt: Path) -> dict[str, Path]:
     single = ckpt / SINGLE_FILE
     if not single.exists():
         raise ValueError(f"{str(ckpt)!r} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-    with safe_open(single, "numpy") as f:
+    with _open(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -53,7 +61,7 @@ def tensor_specs(ckpt: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
     for name, file in _weight_files(ckpt).items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, "numpy") as f:
+        with _open(file) as f:
             for name in names:
                 sl = f.get_slice(name)
                 specs[name] = jax.ShapeDtypeStruct(tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
@@ -66,6 +74,6 @@ def iter_tensors(ckpt: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     for name, file in _weight_files(Path(ckpt)).items():
         by_file.setdefault(file, []).append(name)
     for file in sorted(by_file):
-        with safe_open(file, "numpy") as f:
+        with _open(file) as f:
             for name in sorted(by_file[file]):
                 yield name, f.get_tensor(name)

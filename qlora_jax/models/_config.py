@@ -29,7 +29,15 @@ class DecoderConfig:
     o_bias: bool  # Llama with attention_bias
     mlp_bias: bool
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on queries and keys
-    sliding_window: int | None  # Mistral (and Qwen2 with use_sliding_window)
+    sliding_window: int | None  # Mistral (and Qwen2/3 layers with sliding attention)
+    sliding_layers: tuple[bool, ...] = ()  # which layers use the window; () = all of them
+
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per layer: the sliding window, or 0 for full causal attention."""
+        if not self.sliding_window:
+            return (0,) * self.num_hidden_layers
+        flags = self.sliding_layers or (True,) * self.num_hidden_layers
+        return tuple(self.sliding_window if f else 0 for f in flags)
 
     @classmethod
     def from_hf(cls, hf_config) -> "DecoderConfig":
@@ -47,8 +55,10 @@ class DecoderConfig:
             raise ValueError(f"rope_type={rope_type!r} is not supported; expected 'default', 'llama3' or 'linear'")
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
         sliding = getattr(hf_config, "sliding_window", None)
-        if model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
-            sliding = None
+        layer_types = getattr(hf_config, "layer_types", None)
+        sliding_layers = tuple(t == "sliding_attention" for t in layer_types) if layer_types else ()
+        if model_type in ("qwen2", "qwen3") and not any(sliding_layers):
+            sliding = None  # Qwen: only layers typed "sliding_attention" use the window
         return cls(
             model_type=model_type,
             vocab_size=hf_config.vocab_size,
@@ -68,4 +78,5 @@ class DecoderConfig:
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             sliding_window=int(sliding) if sliding else None,
+            sliding_layers=sliding_layers if sliding else (),
         )

@@ -7,12 +7,13 @@ Public surface: ``quantize`` / ``dequantize`` (one tensor or a stack of them), t
 
 from ._array import QUANT_TYPES, QuantizedArray, dequantize, dequantize_absmax, quantize, validate
 from ._bnb import from_bnb_state, to_bnb_state
+from ._config import QuantConfig
 from ._params import (DEFAULT_SKIP_PATTERNS, StorageReport, default_rule, dequantize_params, path_str,
                       quantize_params, storage_report)
 from ._tables import BLOCKSIZES_4BIT, BLOCKSIZES_NESTED
 
 __all__ = [
-    "BLOCKSIZES_4BIT", "BLOCKSIZES_NESTED", "DEFAULT_SKIP_PATTERNS", "QUANT_TYPES", "QuantizedArray",
+    "BLOCKSIZES_4BIT", "BLOCKSIZES_NESTED", "DEFAULT_SKIP_PATTERNS", "QUANT_TYPES", "QuantConfig", "QuantizedArray",
     "StorageReport", "default_rule", "dequantize", "dequantize_absmax", "dequantize_params",
     "from_bnb_state", "path_str", "quantize", "quantize_params", "storage_report", "to_bnb_state",
     "validate",

@@ -1,0 +1,117 @@
+"""Building blocks of the decoder family, numerically as transformers' eager implementation.
+
+Every linear calls ``qlora_jax.ops.qmatmul``: a layer never knows whether its weight is a dense
+array or a QuantizedArray. Weights keep Hugging Face's names and [out, in] orientation.
+Shapes in names: B batch, S query length, T key length, H heads, K key/value heads, G = H / K,
+D head_dim, E hidden size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..ops import qmatmul
+from ._config import DecoderConfig
+from ._rope import apply_rope
+
+
+class RMSNorm(nnx.Module):
+    """``weight * (x32 * rsqrt(mean(x32**2) + eps)).astype(x.dtype)``, as transformers."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ W^T (+ b) through the one quantized-linear op; W is [out, in] as in PyTorch."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs,
+                 kernel: str = "auto", compute_dtype=None):
+        std = in_features ** -0.5
+        self.weight = nnx.Param((jax.random.uniform(rngs.params(), (out_features, in_features), jnp.float32,
+                                                    -std, std)).astype(dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+        self.kernel = kernel
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+
+    def __call__(self, x):
+        # With a compute dtype (bnb_4bit_compute_dtype) the input is cast to it and the result,
+        # bias included, cast back, as bitsandbytes' Linear4bit does.
+        xc = x if self.compute_dtype is None else x.astype(self.compute_dtype)
+        y = qmatmul(xc, self.weight.get_value(), backend=self.kernel)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs, **lin):
+        e, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = Linear(e, self.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, **lin)
+        self.k_proj = Linear(e, self.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, **lin)
+        self.v_proj = Linear(e, self.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, **lin)
+        self.o_proj = Linear(self.num_heads * d, e, bias=cfg.o_bias, dtype=dtype, rngs=rngs, **lin)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x_BxSxE, cos, sin, bias_BxSxT):
+        b, s, _ = x_BxSxE.shape
+        q = self.q_proj(x_BxSxE).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BxSxE).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BxSxE).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, bias_BxSxT)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+def attend(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, bias_BxSxT):
+    """Grouped-query attention, eager transformers' arithmetic: scores in the compute dtype times
+    head_dim**-0.5, plus the additive mask, softmax in fp32 cast back, then the values."""
+    b, s, h, d = q_BxSxHxD.shape
+    kh = k_BxTxKxD.shape[2]
+    q = q_BxSxHxD.reshape(b, s, kh, h // kh, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k_BxTxKxD, preferred_element_type=jnp.float32)
+    scores = scores.astype(q.dtype) * jnp.asarray(d ** -0.5, q.dtype)
+    scores = scores + bias_BxSxT[:, None, None].astype(scores.dtype)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxD, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, s, h, d)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs, **lin):
+        e, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(e, i, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, **lin)
+        self.up_proj = Linear(e, i, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, **lin)
+        self.down_proj = Linear(i, e, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, **lin)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs, **lin):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs, **lin)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, **lin)
+
+    def __call__(self, x, cos, sin, bias_BxSxT):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias_BxSxT)
+        return x + self.mlp(self.post_attention_layernorm(x))

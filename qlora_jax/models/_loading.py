@@ -1,0 +1,123 @@
+"""``from_pretrained``: a Hugging Face checkpoint -> CausalLM, quantizing linears as they stream."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..quant import QuantConfig, quantize
+from ._checkpoint import iter_tensors, resolve_checkpoint
+from ._config import DecoderConfig
+from ._decoder import CausalLM
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer some older checkpoints carry
+
+
+def _hf_key(path: tuple) -> tuple[str, int | None]:
+    """NNX state path -> (Hugging Face key, or key template with the layer index left out; layer)."""
+    if path == ("embed_tokens",):
+        return "model.embed_tokens.weight", None
+    if path[0] == "layers":
+        if isinstance(path[1], int):  # unrolled
+            return f"model.layers.{path[1]}." + ".".join(map(str, path[2:])), path[1]
+        return "model.layers.{}." + ".".join(map(str, path[1:])), -1  # scanned: stacked over layers
+    if path[0] == "norm":
+        return "model." + ".".join(map(str, path)), None
+    return ".".join(map(str, path)), None
+
+
+def _is_quantized_linear(key: str, quantization: QuantConfig | None) -> bool:
+    """transformers' 4-bit loading: every linear of the decoder layers; never embeddings or lm_head."""
+    if quantization is None or not key.startswith("model.layers.") or not key.endswith("_proj.weight"):
+        return False
+    skip = quantization.llm_int8_skip_modules or ()
+    module = key[: -len(".weight")]
+    return not any(re.search(rf"(^|\.){re.escape(s)}(\.|$)", module) for s in skip)
+
+
+def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantConfig | None = None,
+                    dtype=jnp.float32, scan_layers: bool = True, gradient_checkpointing=None,
+                    shardings=None, revision: str | None = None) -> CausalLM:
+    """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint as a CausalLM.
+
+    Tensors are read one at a time; with ``quantization`` the decoder layers' linear weights are
+    quantized as they arrive (host memory holds one full-precision tensor at a time).
+
+    Args:
+      path_or_hub_id: a local checkpoint directory or a hub id (needs network).
+      quantization: a QuantConfig, or None for a dense model.
+      dtype: dtype of the dense weights and of the activations.
+      scan_layers: stack the layers and run them with ``nnx.scan`` (False: an unrolled list).
+      gradient_checkpointing: None/False, True, or a ``jax.checkpoint_policies`` name.
+      shardings: None, or a function ``(hf_key, value) -> jax.sharding.Sharding | None`` that
+        places each leaf as it is built.
+      revision: hub revision.
+    """
+    from transformers import AutoConfig
+
+    ckpt = resolve_checkpoint(path_or_hub_id, revision=revision)
+    cfg = DecoderConfig.from_hf(AutoConfig.from_pretrained(ckpt))
+    dtype = jnp.dtype(dtype)
+    kw = dict(dtype=dtype, scan_layers=scan_layers, gradient_checkpointing=gradient_checkpointing,
+              kernel=quantization.kernel if quantization else "auto",
+              compute_dtype=quantization.jnp_compute_dtype if quantization else None)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), **kw))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+
+    # Where each checkpoint tensor goes: key -> (position in flat, layer index or None).
+    wanted: dict[str, tuple[int, int | None]] = {}
+    for i, (path, var) in enumerate(flat):
+        key, layer = _hf_key(path)
+        if layer == -1:
+            for li in range(cfg.num_hidden_layers):
+                wanted[key.format(li)] = (i, li)
+        else:
+            wanted[key] = (i, layer)
+
+    values: list = [None] * len(flat)
+    stacks: dict[int, list] = {}
+    unused = []
+    for key, array in iter_tensors(ckpt):
+        if key not in wanted:
+            if not _IGNORED.match(key) and not (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                unused.append(key)
+            continue
+        i, layer = wanted.pop(key)
+        expected = flat[i][1].get_value()
+        shape = expected.shape[1:] if (scan_layers and layer is not None) else expected.shape
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(array.shape)}; the model "
+                             f"({cfg.model_type}) expects {tuple(shape)}")
+        value = jnp.asarray(array).astype(dtype)
+        if _is_quantized_linear(key, quantization):
+            value = quantize(value, **quantization.quantize_kwargs())
+        value = _place(value, key, shardings)
+        if scan_layers and layer is not None:
+            stacks.setdefault(i, [None] * cfg.num_hidden_layers)[layer] = value
+        else:
+            values[i] = value
+    if wanted:
+        missing = sorted(wanted)
+        raise ValueError(f"checkpoint {str(ckpt)!r} lacks {len(missing)} tensor(s) the model needs, e.g. "
+                         f"{missing[:5]}")
+    if unused:
+        warnings.warn(f"{len(unused)} checkpoint tensor(s) are not used by the model, e.g. {unused[:5]}")
+    for i, parts in stacks.items():
+        values[i] = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+    new_flat = [(path, var.replace(values[i])) for i, (path, var) in enumerate(flat)]
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def _place(value, key, shardings):
+    if shardings is None:
+        return value
+    sharding = shardings(key, value)
+    return value if sharding is None else jax.device_put(value, sharding)

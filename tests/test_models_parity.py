@@ -1,0 +1,150 @@
+"""Logits of the Flax decoders against transformers (eager attention) on the same tiny checkpoints."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import qlora_jax
+from qlora_jax.models import position_ids_from_mask
+
+SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+ARCHS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL),
+    "llama3-rope-tied": lambda: transformers.LlamaConfig(
+        **SMALL, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral-sliding": lambda: transformers.MistralConfig(**SMALL, sliding_window=4),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL),
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=32),
+}
+
+
+def _hf_model(name, path):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(ARCHS[name]()).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that every weight matters
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(".bias"):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if n.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, _hf_model(request.param, path), path
+
+
+def _inputs():
+    ids = np.random.default_rng(0).integers(3, 160, (2, 9))
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :3] = 0  # the second prompt left-padded by three
+    return ids, mask
+
+
+def _max_rel(ours, theirs):
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_fp32_logits_match_transformers(checkpoint, scan_layers):
+    name, hf, path = checkpoint
+    model = qlora_jax.from_pretrained(path, scan_layers=scan_layers)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(model(jnp.asarray(ids)))
+    assert ours.shape == (2, 9, 160)
+    assert _max_rel(ours, theirs) < 1e-5, name
+    # With padding: transformers' generate passes positions counted over the real tokens.
+    pos = np.asarray(position_ids_from_mask(jnp.asarray(mask)))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits.numpy()
+    ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    valid = mask.astype(bool)
+    assert _max_rel(ours[valid], theirs[valid]) < 1e-5, name
+
+
+def test_nf4_model_matches_transformers_on_dequantized_weights(checkpoint):
+    """NF4: our dequantized weights are bitsandbytes' (tests/test_quant_bnb.py); with them put into
+    the transformers model, the logits agree to fp32 rounding."""
+    name, hf, path = checkpoint
+    model = qlora_jax.from_pretrained(path, quantization=qlora_jax.QuantConfig(compute_dtype="float32"))
+    layer0 = model.layers[0] if not model.scan_layers else None
+    q = model.layers.self_attn.q_proj.weight.get_value()
+    assert isinstance(q, qlora_jax.QuantizedArray) and q.batch_shape == (3,), layer0
+    assert not isinstance(model.embed_tokens.get_value(), qlora_jax.QuantizedArray)
+    deq = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    state = deq.state_dict()
+    with torch.no_grad():
+        for i in range(3):
+            for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                sub = model.layers
+                for part in mod.split("."):
+                    sub = getattr(sub, part)
+                w = jax.tree.map(lambda x: x[i], sub.weight.get_value())
+                state[f"model.layers.{i}.{mod}.weight"].copy_(torch.from_numpy(np.asarray(qlora_jax.dequantize(w))))
+    ids, _ = _inputs()
+    with torch.no_grad():
+        theirs = deq(torch.tensor(ids)).logits.numpy()
+    assert _max_rel(np.asarray(model(jnp.asarray(ids))), theirs) < 1e-5, name
+
+
+def test_bf16_compute_is_close(checkpoint):
+    name, hf, path = checkpoint
+    model = qlora_jax.from_pretrained(path, dtype=jnp.bfloat16)
+    ids, _ = _inputs()
+    ours = np.asarray(model(jnp.asarray(ids)).astype(jnp.float32))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    assert _max_rel(ours, theirs) < 5e-2, name  # bf16 has 8 mantissa bits; this is a sanity bound only
+
+
+def test_loading_errors(tmp_path):
+    hf = _hf_model("llama", tmp_path / "ok")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+        qlora_jax.from_pretrained(tmp_path / "gpt2")
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    bad = dict(state)
+    bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    (tmp_path / "bad").mkdir()
+    hf.config.save_pretrained(tmp_path / "bad")
+    save_file(bad, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(3, 3\); the model "
+                                         r"\(llama\) expects \(112, 64\)"):
+        qlora_jax.from_pretrained(tmp_path / "bad")
+    missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
+    save_file(missing, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) the model needs, e.g. \['model.norm.weight'\]"):
+        qlora_jax.from_pretrained(tmp_path / "bad")
+    extra = {**state, "model.extra.weight": torch.zeros(2)}
+    save_file(extra, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        qlora_jax.from_pretrained(tmp_path / "bad")
+    assert any("model.extra.weight" in str(x.message) for x in w)
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read safetensors file .*model.safetensors"):
+        qlora_jax.from_pretrained(tmp_path / "bad")
+
+
+def test_gradient_checkpointing_policy(tmp_path):
+    _hf_model("llama", tmp_path)
+    ids, _ = _inputs()
+    plain = qlora_jax.from_pretrained(tmp_path)
+    remat = qlora_jax.from_pretrained(tmp_path, gradient_checkpointing="dots_saveable")
+    np.testing.assert_array_equal(np.asarray(plain(jnp.asarray(ids))), np.asarray(remat(jnp.asarray(ids))))
+    with pytest.raises(ValueError, match="gradient_checkpointing='everything' is not a jax.checkpoint_policies name"):
+        qlora_jax.from_pretrained(tmp_path, gradient_checkpointing="everything")
