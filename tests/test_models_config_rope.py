@@ -46,7 +46,7 @@ def test_inv_freq_matches_transformers(rope, head_dim, theta):
     hf = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, rope_parameters=params,
                                   max_position_embeddings=131072)
     cfg = DecoderConfig.from_hf(hf)
-    ours = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    ours = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_parameters)
     if rope is None:
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 

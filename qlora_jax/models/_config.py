@@ -10,7 +10,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """What the Flax decoder needs to know; built by ``from_hf`` from a transformers config."""
+    """What the Flax decoder needs to know; built by ``from_hf`` from a transformers config.
+    Hashable (it is static metadata of the model's graph)."""
 
     model_type: str
     vocab_size: int
@@ -22,7 +23,7 @@ class DecoderConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict[str, Any] | None  # None: default RoPE; else transformers' rope_parameters
+    rope_scaling: tuple[tuple[str, Any], ...] | None  # None: default RoPE; else rope_parameters items
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2/2.5 (and Llama with attention_bias)
@@ -31,6 +32,10 @@ class DecoderConfig:
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on queries and keys
     sliding_window: int | None  # Mistral (and Qwen2/3 layers with sliding attention)
     sliding_layers: tuple[bool, ...] = ()  # which layers use the window; () = all of them
+
+    @property
+    def rope_parameters(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
 
     def layer_windows(self) -> tuple[int, ...]:
         """Per layer: the sliding window, or 0 for full causal attention."""
@@ -70,7 +75,7 @@ class DecoderConfig:
             head_dim=head_dim,
             rms_norm_eps=float(hf_config.rms_norm_eps),
             rope_theta=theta,
-            rope_scaling=None if rope_type == "default" else rope,
+            rope_scaling=None if rope_type == "default" else tuple(sorted(rope.items())),
             max_position_embeddings=hf_config.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or attention_bias,

@@ -36,14 +36,15 @@ def position_ids_from_mask(attention_mask_BxS):
     return jnp.maximum(jnp.cumsum(attention_mask_BxS.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention_bias(attention_mask_BxT, s: int, window, dtype):
-    """Additive mask [B, S, T]: 0 where a query may attend (causal, key not padding, inside the
-    sliding window when ``window`` > 0), the dtype's minimum elsewhere, as transformers."""
-    t = attention_mask_BxT.shape[-1]
-    q_pos = jnp.arange(s)[:, None] + (t - s)
+def attention_bias(kv_mask_BxT, q_index_S, window, dtype):
+    """Additive mask [B, S, T]: 0 where query i (at cache index ``q_index[i]``) may attend key t
+    (t <= that index, key not padding, within the sliding window when ``window`` > 0), the
+    dtype's minimum elsewhere, as transformers."""
+    t = kv_mask_BxT.shape[-1]
+    q_pos = q_index_S[:, None]
     k_pos = jnp.arange(t)[None, :]
     allowed = (k_pos <= q_pos) & jnp.where(window > 0, q_pos - k_pos < window, True)
-    allowed = allowed[None] & (attention_mask_BxT[:, None, :] > 0)
+    allowed = allowed[None] & (kv_mask_BxT[:, None, :] > 0)
     return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
@@ -81,26 +82,59 @@ class CausalLM(nnx.Module):
         if position_ids is None:
             position_ids = (jnp.broadcast_to(jnp.arange(s), (b, s)) if attention_mask is None
                             else position_ids_from_mask(mask))
-        x = jnp.take(self.embed_tokens[...], input_ids_BxS, axis=0).astype(self.dtype)
-        cfg = self.config
-        cos, sin = rope_cos_sin(position_ids, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                                self.dtype)
+        logits, _ = self.forward(input_ids_BxS, position_ids, mask)
+        return logits
 
-        def run_layer(layer, h, window):
-            return layer(h, cos, sin, attention_bias(mask, s, window, self.dtype))
+    def init_cache(self, batch: int, max_length: int):
+        """Zero key/value buffers for ``forward``: per layer (k, v) [B, T, K, D] (stacked [L, ...]
+        when the layers are scanned)."""
+        c = self.config
+        shape = (batch, max_length, c.num_key_value_heads, c.head_dim)
+        if self.scan_layers:
+            shape = (c.num_hidden_layers, *shape)
+            return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_hidden_layers)]
+
+    def forward(self, input_ids_BxS, position_ids_BxS, kv_mask_BxT, cache=None, start=0):
+        """Logits of S tokens at cache indices ``start .. start+S-1`` (positions ``position_ids``).
+
+        ``kv_mask`` [B, T] marks the real (non-padding) keys; without ``cache``, T = S and the
+        tokens attend among themselves. With ``cache`` (from ``init_cache``) their keys and values
+        are written into it and they attend over all T. Returns (logits, new cache or None).
+        """
+        s = input_ids_BxS.shape[1]
+        cfg = self.config
+        x = jnp.take(self.embed_tokens[...], input_ids_BxS, axis=0).astype(self.dtype)
+        cos, sin = rope_cos_sin(position_ids_BxS, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_parameters),
+                                self.dtype)
+        q_index = start + jnp.arange(s)
+
+        def run_layer(layer, h, window, kv):
+            return layer(h, cos, sin, attention_bias(kv_mask_BxT, q_index, window, self.dtype), kv, start)
 
         if self.remat_policy is not None:
             run_layer = nnx.remat(run_layer, policy=self.remat_policy)
-        if self.scan_layers:
+        windows = jnp.asarray(self.windows, jnp.int32)
+        if self.scan_layers and cache is None:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
             def body(h, layer, window):
-                return run_layer(layer, h, window)
+                return run_layer(layer, h, window, None)
 
-            x = body(x, self.layers, jnp.asarray(self.windows, jnp.int32))
+            x = body(x, self.layers, windows)
+        elif self.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+            def body_cached(h, layer, window, kv):
+                return run_layer(layer, h, window, kv)
+
+            x, cache = body_cached(x, self.layers, windows, cache)
         else:
-            for layer, window in zip(self.layers, self.windows):
-                x = run_layer(layer, x, window)
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                out = run_layer(layer, x, self.windows[i], None if cache is None else cache[i])
+                x, kv = (out, None) if cache is None else out
+                new_cache.append(kv)
+            cache = None if cache is None else new_cache
         x = self.norm(x)
         if self.lm_head is None:
-            return qmatmul(x, self.embed_tokens[...].astype(self.dtype))
-        return self.lm_head(x)
+            return qmatmul(x, self.embed_tokens[...].astype(self.dtype)), cache
+        return self.lm_head(x), cache

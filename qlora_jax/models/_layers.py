@@ -66,7 +66,10 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x_BxSxE, cos, sin, bias_BxSxT):
+    def __call__(self, x_BxSxE, cos, sin, bias_BxSxT, cache=None, start=0):
+        """Without ``cache``: self-attention over the S tokens. With ``cache`` = (k, v) buffers
+        [B, T, K, D]: this chunk's keys and values are written at ``start`` and the queries
+        attend over the whole buffer; returns (output, new cache)."""
         b, s, _ = x_BxSxE.shape
         q = self.q_proj(x_BxSxE).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x_BxSxE).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -74,8 +77,11 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, bias_BxSxT)
-        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
+        out = self.o_proj(attend(q, k, v, bias_BxSxT).reshape(b, s, self.num_heads * self.head_dim))
+        return out if cache is None else (out, (k, v))
 
 
 def attend(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, bias_BxSxT):
@@ -112,6 +118,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, **lin)
 
-    def __call__(self, x, cos, sin, bias_BxSxT):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias_BxSxT)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, bias_BxSxT, cache=None, start=0):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, bias_BxSxT, cache, start)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if cache is None else (x, cache)
