@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 from pathlib import Path
@@ -77,3 +80,23 @@ def iter_tensors(ckpt: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
         with _open(file) as f:
             for name in sorted(by_file[file]):
                 yield name, f.get_tensor(name)
+
+
+@functools.cache
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    Streaming a checkpoint frees one multi-MB tensor after another; glibc keeps such blocks in
+    its heap once its mmap threshold has adapted to them, so the process's resident memory would
+    climb towards the checkpoint's size although only one tensor is live at a time.
+    """
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)

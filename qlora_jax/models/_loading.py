@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from ..quant import QuantConfig, quantize
-from ._checkpoint import iter_tensors, resolve_checkpoint
+from ._checkpoint import iter_tensors, release_freed_memory, resolve_checkpoint
 from ._config import DecoderConfig
 from ._decoder import CausalLM
 
@@ -104,14 +104,17 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
             stacks.setdefault(i, [None] * cfg.num_hidden_layers)[layer] = value
         else:
             values[i] = value
+        del array, value
+        release_freed_memory()
     if wanted:
         missing = sorted(wanted)
         raise ValueError(f"checkpoint {str(ckpt)!r} lacks {len(missing)} tensor(s) the model needs, e.g. "
                          f"{missing[:5]}")
     if unused:
         warnings.warn(f"{len(unused)} checkpoint tensor(s) are not used by the model, e.g. {unused[:5]}")
-    for i, parts in stacks.items():
-        values[i] = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+    for i in list(stacks):  # one kind of leaf at a time, so only its per-layer parts are doubled
+        values[i] = jax.tree.map(lambda *xs: jnp.stack(xs), *stacks.pop(i))
+        release_freed_memory()
     new_flat = [(path, var.replace(values[i])) for i, (path, var) in enumerate(flat)]
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
