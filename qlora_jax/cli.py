@@ -1,8 +1,8 @@
 """The ``qlora-jax`` command.
 
 Subcommands so far: ``info`` (a checkpoint's shape and its 4-bit storage; ``--quantize`` streams
-and quantizes every tensor for real). ``train``, ``generate``, ``merge`` and ``launch`` arrive
-with the issues that build them.
+and quantizes every tensor for real) and ``generate`` (load, quantize, complete prompts).
+``train``, ``merge`` and ``launch`` arrive with the issues that build them.
 """
 
 from __future__ import annotations
@@ -73,6 +73,36 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from .generate import generate
+    from .models import from_pretrained
+
+    ckpt = resolve_checkpoint(args.model, revision=args.revision)
+    quantization = None if args.quant_type == "none" else quant.QuantConfig(
+        quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
+        compute_dtype=args.dtype)
+    model = from_pretrained(ckpt, quantization=quantization, dtype=getattr(jnp, args.dtype))
+    tok = AutoTokenizer.from_pretrained(ckpt, padding_side="left")
+    if tok.pad_token is None:  # as TRL: a missing pad token becomes the EOS token
+        tok.pad_token = tok.eos_token
+    texts = args.prompt
+    if args.chat:
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                 for t in texts]
+    batch = tok(texts, return_tensors="np", padding=True, add_special_tokens=not args.chat)
+    out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
+                   do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   repetition_penalty=args.repetition_penalty, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id, seed=args.seed)
+    prompt_len = batch["input_ids"].shape[1]
+    for prompt, row in zip(args.prompt, out.tolist()):
+        print(f"### {prompt}\n{tok.decode(row[prompt_len:], skip_special_tokens=True)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-jax", description="QLoRA fine-tuning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stream and quantize every tensor for real (default: shapes only)")
     _add_quant_args(info)
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="complete prompts with a (quantized) model",
+                         description="Load a checkpoint (NF4 by default), complete each --prompt, print the text.")
+    gen.add_argument("model", help="checkpoint directory or hub id")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                     help="activations and dense weights (and the quantized matmuls' compute dtype)")
+    gen.add_argument("--quant-type", default="nf4", choices=(*quant.QUANT_TYPES, "none"),
+                     help="4-bit data type of the decoder linears, or none (default nf4)")
+    gen.add_argument("--blocksize", type=int, default=64, choices=quant.BLOCKSIZES_4BIT)
+    gen.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    gen.add_argument("--revision", default=None, help="hub revision (with a hub id)")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 
