@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..quant import QuantConfig, quantize
+from ..quant import QuantConfig, QuantizedArray, from_bnb_state, quantize
 from ._checkpoint import iter_tensors, release_freed_memory, resolve_checkpoint
 from ._config import DecoderConfig
 from ._decoder import CausalLM
@@ -63,7 +63,15 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
     from transformers import AutoConfig
 
     ckpt = resolve_checkpoint(path_or_hub_id, revision=revision)
-    cfg = DecoderConfig.from_hf(AutoConfig.from_pretrained(ckpt))
+    hf_config = AutoConfig.from_pretrained(ckpt)
+    cfg = DecoderConfig.from_hf(hf_config)
+    prequantized = _prequantized_config(hf_config)
+    if prequantized is not None:
+        if quantization is not None and quantization.quantize_kwargs() != prequantized.quantize_kwargs():
+            raise ValueError(f"{str(ckpt)!r} is already quantized ({prequantized.quant_type}, blocksize "
+                             f"{prequantized.blocksize}, double_quant={prequantized.double_quant}); pass "
+                             f"quantization=None or a matching QuantConfig, not {quantization}")
+        quantization = quantization or prequantized
     dtype = jnp.dtype(dtype)
     kw = dict(dtype=dtype, scan_layers=scan_layers, gradient_checkpointing=gradient_checkpointing,
               kernel=quantization.kernel if quantization else "auto",
@@ -85,7 +93,10 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
     values: list = [None] * len(flat)
     stacks: dict[int, list] = {}
     unused = []
-    for key, array in iter_tensors(ckpt):
+    tensors = iter_tensors(ckpt)
+    if prequantized is not None:
+        tensors = _bnb_groups(tensors)
+    for key, array in tensors:
         if key not in wanted:
             if not _IGNORED.match(key) and not (key == "lm_head.weight" and cfg.tie_word_embeddings):
                 unused.append(key)
@@ -96,9 +107,12 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
         if tuple(array.shape) != tuple(shape):
             raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(array.shape)}; the model "
                              f"({cfg.model_type}) expects {tuple(shape)}")
-        value = jnp.asarray(array).astype(dtype)
-        if _is_quantized_linear(key, quantization):
-            value = quantize(value, **quantization.quantize_kwargs())
+        if isinstance(array, QuantizedArray):  # stored quantized: used as it is, never requantized
+            value = array
+        else:
+            value = jnp.asarray(array).astype(dtype)
+            if _is_quantized_linear(key, quantization):
+                value = quantize(value, **quantization.quantize_kwargs())
         value = _place(value, key, shardings)
         if scan_layers and layer is not None:
             stacks.setdefault(i, [None] * cfg.num_hidden_layers)[layer] = value
@@ -124,3 +138,47 @@ def _place(value, key, shardings):
         return value
     sharding = shardings(key, value)
     return value if sharding is None else jax.device_put(value, sharding)
+
+
+def _prequantized_config(hf_config) -> QuantConfig | None:
+    """The QuantConfig of a checkpoint transformers saved with bitsandbytes 4-bit weights."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes":
+        raise ValueError(f"quantization_config with quant_method={qc.get('quant_method')!r} is not supported; "
+                         "expected a bitsandbytes 4-bit checkpoint")
+    if qc.get("load_in_8bit"):
+        raise ValueError("8-bit (LLM.int8()) checkpoints are not supported yet; expected bitsandbytes 4-bit")
+    compute = str(qc.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch.")
+    return QuantConfig(quant_type=qc.get("bnb_4bit_quant_type", "fp4"),
+                       double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)), compute_dtype=compute,
+                       llm_int8_skip_modules=qc.get("llm_int8_skip_modules"))
+
+
+_BNB_PART = re.compile(r"(.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map|"
+                       r"quant_state\.bitsandbytes__(?:nf4|fp4))$")
+
+
+def _bnb_groups(tensors):
+    """Regroup a bitsandbytes 4-bit checkpoint's entries: each weight's packed codes, absmax, maps
+    and quant_state become one (key, QuantizedArray); other tensors pass through."""
+    pending: dict[str, dict] = {}
+    for key, array in tensors:
+        m = _BNB_PART.match(key)
+        prefix = m.group(1) if m else (key if array.dtype == np.uint8 and key.endswith(".weight") else None)
+        if prefix is None:
+            yield key, array
+            continue
+        group = pending.setdefault(prefix, {})
+        group[key] = array
+        qs = [k for k in group if ".quant_state." in k]
+        needed = {prefix, f"{prefix}.absmax", f"{prefix}.quant_map"}
+        if qs and b"nested_offset" in np.asarray(group[qs[0]]).tobytes():
+            needed |= {f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map"}
+        if qs and needed <= group.keys():
+            yield prefix, from_bnb_state(pending.pop(prefix), prefix=prefix)
+    if pending:
+        raise ValueError(f"incomplete bitsandbytes 4-bit entries for {sorted(pending)[:5]}: each quantized weight "
+                         "needs its codes, absmax, quant_map and quant_state (and nested_* with double quantization)")
