@@ -141,11 +141,24 @@ def test_loading_errors(tmp_path):
 
 
 def test_gradient_checkpointing_policy(tmp_path):
+    from flax import nnx
+
     _hf_model("llama", tmp_path)
-    ids, _ = _inputs()
+    ids = jnp.asarray(_inputs()[0])
     plain = qlora_jax.from_pretrained(tmp_path)
     remat = qlora_jax.from_pretrained(tmp_path, gradient_checkpointing="dots_saveable")
-    np.testing.assert_array_equal(np.asarray(plain(jnp.asarray(ids))), np.asarray(remat(jnp.asarray(ids))))
+    np.testing.assert_array_equal(np.asarray(plain(ids)), np.asarray(remat(ids)))
+
+    def grads(model):
+        graphdef, state = nnx.split(model)
+        loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(ids) ** 2)
+        return jax.grad(loss)(state), jax.make_jaxpr(jax.grad(loss))(state)
+
+    (g_plain, jaxpr_plain), (g_remat, jaxpr_remat) = grads(plain), grads(remat)
+    assert "remat" in str(jaxpr_remat) and "remat" not in str(jaxpr_plain)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        # recomputed activations fuse differently: fp32 rounding, relative to the gradient's scale
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(np.abs(a).max()))
     with pytest.raises(ValueError, match="gradient_checkpointing='everything' is not a jax.checkpoint_policies name"):
         qlora_jax.from_pretrained(tmp_path, gradient_checkpointing="everything")
 
