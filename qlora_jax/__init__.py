@@ -5,6 +5,8 @@ The base is frozen in 4-bit NormalFloat with double-quantized scales (``quantize
 """
 
 from .generate import generate
+from .lora import (LoraConfig, apply_lora, load_adapter, merge_adapters, print_trainable_parameters, save_adapter,
+                   set_adapter, trainable_mask)
 from .models import from_pretrained
 from .quant import (QuantConfig, QuantizedArray, StorageReport, dequantize, dequantize_params, from_bnb_state,
                     quantize, quantize_params, storage_report, to_bnb_state)
@@ -12,6 +14,8 @@ from .quant import (QuantConfig, QuantizedArray, StorageReport, dequantize, dequ
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoraConfig", "apply_lora", "load_adapter", "merge_adapters", "print_trainable_parameters", "save_adapter",
+    "set_adapter", "trainable_mask",
     "QuantConfig", "QuantizedArray", "from_pretrained", "generate", "StorageReport", "dequantize", "dequantize_params", "from_bnb_state", "quantize",
     "quantize_params", "storage_report", "to_bnb_state",
 ]

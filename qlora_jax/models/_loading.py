@@ -130,7 +130,9 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
         values[i] = jax.tree.map(lambda *xs: jnp.stack(xs), *stacks.pop(i))
         release_freed_memory()
     new_flat = [(path, var.replace(values[i])) for i, (path, var) in enumerate(flat)]
-    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+    model = nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+    model.name_or_path = str(path_or_hub_id)  # what PEFT records as base_model_name_or_path
+    return model
 
 
 def _place(value, key, shardings):

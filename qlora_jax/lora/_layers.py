@@ -1,0 +1,68 @@
+"""The adapter modules. A LoRA adapter computes only ``dropout(x) @ A^T @ B^T * scaling``; it wraps
+a model's linear from outside (model code never learns about LoRA)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class LoraParam(nnx.Param):
+    """A trainable adapter weight (the only trainable kind: see ``trainable_mask``)."""
+
+
+class LoraLayerMask(nnx.Variable):
+    """Per stacked layer, 1.0 where the adapter applies (target rules may select some layers)."""
+
+
+def _init_a(key, shape, in_features, r, init):
+    if init == "gaussian":
+        return jax.random.normal(key, shape, jnp.float32) / r
+    bound = 1.0 / in_features ** 0.5  # kaiming_uniform(a=sqrt(5)) on [r, in], as nn.Linear / PEFT
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class LoraAdapter(nnx.Module):
+    """lora_A [r, in] and lora_B [out, r] (nn.Linear orientation, as PEFT saves them)."""
+
+    def __init__(self, in_features: int, out_features: int, *, r: int, scaling: float, dropout: float, init,
+                 dtype, rngs: nnx.Rngs):
+        self.lora_A = LoraParam(_init_a(rngs.params(), (r, in_features), in_features, r, init).astype(dtype))
+        if init is False:  # PEFT skips its init: nn.Linear's default for B too
+            bound = 1.0 / r ** 0.5
+            b = jax.random.uniform(rngs.params(), (out_features, r), jnp.float32, -bound, bound)
+        else:
+            b = jnp.zeros((out_features, r), jnp.float32)
+        self.lora_B = LoraParam(b.astype(dtype))
+        self.scaling = scaling
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.layer_mask = nnx.data(None)  # set by apply_lora when target rules select some stacked layers
+
+    def __call__(self, x):
+        a, b = self.lora_A[...], self.lora_B[...]
+        h = x.astype(a.dtype)  # PEFT casts the adapter's input to lora_A's dtype
+        if self.dropout is not None:
+            h = self.dropout(h)
+        h = jax.lax.dot_general(h, a, (((h.ndim - 1,), (1,)), ((), ())))
+        h = jax.lax.dot_general(h, b, (((h.ndim - 1,), (1,)), ((), ())))
+        h = h * self.scaling
+        return h if self.layer_mask is None else h * self.layer_mask[...]
+
+
+class LoraLinear(nnx.Module):
+    """``base_layer(x) + adapter(x)`` for the active adapter, summed in the wider dtype and cast
+    back to the base result's dtype, as PEFT's ``lora.Linear``."""
+
+    def __init__(self, base_layer, adapters: dict, active: str | None):
+        self.base_layer = base_layer
+        self.lora = nnx.Dict(adapters)
+        self.active_adapter = active
+
+    def __call__(self, x):
+        result = self.base_layer(x)
+        if self.active_adapter is None:
+            return result
+        delta = self.lora[self.active_adapter](x)
+        wide = jnp.promote_types(result.dtype, delta.dtype)
+        return (result.astype(wide) + delta.astype(wide)).astype(result.dtype)
