@@ -1,0 +1,9 @@
+"""Training: the causal-LM loss, optimizer and schedules, and the pure train step."""
+
+from ._loss import IGNORE_INDEX, causal_lm_loss_sum
+from ._optim import SCHEDULES, clip_by_global_norm_torch, make_optimizer, make_schedule, warmup_steps_for
+from ._step import SplitModel, make_train_step, merge_model, split_model, train_step
+
+__all__ = ["IGNORE_INDEX", "SCHEDULES", "SplitModel", "causal_lm_loss_sum", "clip_by_global_norm_torch",
+           "make_optimizer", "make_schedule", "make_train_step", "merge_model", "split_model", "train_step",
+           "warmup_steps_for"]

@@ -1,0 +1,75 @@
+"""The QLoRA train step: a pure, jitted function of (trainable, frozen, optimizer state, batch).
+
+Only the adapters are differentiated: the model is split into (trainable adapters, RNG state,
+frozen rest) and the gradient is taken with respect to the first part, so the frozen base (NF4
+codes and scales, norms, embeddings) never gets a gradient buffer or optimizer state.
+
+Gradient accumulation runs the micro-batches in a ``lax.scan`` and normalises by the number of
+loss tokens across all of them (not a mean of per-micro-batch means, the bug transformers#34191
+had): k micro-batches give exactly the gradient of one k-times-larger batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ..lora import LoraParam
+from ._loss import IGNORE_INDEX, causal_lm_loss_sum
+
+
+class SplitModel(NamedTuple):
+    graphdef: Any
+    trainable: Any  # nnx.State of the LoRA weights
+    rngs: Any  # nnx.State of RNG streams (dropout)
+    frozen: Any  # nnx.State of everything else
+
+
+def split_model(model) -> SplitModel:
+    return SplitModel(*nnx.split(model, LoraParam, nnx.RngState, ...))
+
+
+def merge_model(split: SplitModel):
+    return nnx.merge(split.graphdef, split.trainable, split.rngs, split.frozen)
+
+
+def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rngs, frozen, opt_state, batch):
+    """One optimizer step over ``batch`` = {input_ids, attention_mask, labels}, each
+    [micro_batches, batch, seq]. Returns (trainable, rngs, opt_state, metrics)."""
+    total = jnp.maximum(jnp.sum(batch["labels"][:, :, 1:] != IGNORE_INDEX), 1).astype(jnp.float32)
+
+    def micro_loss(model, micro):
+        logits = model(micro["input_ids"], micro["attention_mask"])
+        loss_sum, _ = causal_lm_loss_sum(logits, micro["labels"], IGNORE_INDEX)
+        return loss_sum / total
+
+    grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, LoraParam))
+
+    def accumulate(carry, micro):
+        # the weights ride in the carry: NNX modules must be made at the trace level they run in
+        grads, loss, rng_state, params, rest = carry
+        model = nnx.merge(graphdef, params, rng_state, rest)
+        l, g = grad_fn(model, micro)
+        rng_state = nnx.state(model, nnx.RngState)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, rng_state, params, rest), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    init = (zeros, jnp.zeros((), jnp.float32), rngs, trainable, frozen)
+    (grads, loss, rngs, _, _), _ = jax.lax.scan(accumulate, init, batch)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, rngs, opt_state, {"loss": loss, "grad_norm": grad_norm, "num_tokens": total}
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate: bool = True):
+    """``step(trainable, rngs, frozen, opt_state, batch) -> (trainable, rngs, opt_state, metrics)``,
+    jitted, with the adapters, RNG state and optimizer state donated."""
+    fn = functools.partial(train_step, graphdef, optimizer)
+    return jax.jit(fn, donate_argnums=(0, 1, 3) if donate else ())
