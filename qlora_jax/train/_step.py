@@ -38,6 +38,13 @@ def merge_model(split: SplitModel):
     return nnx.merge(split.graphdef, split.trainable, split.rngs, split.frozen)
 
 
+def update_model(model, trainable, rngs=None):
+    """Put trained adapters (and RNG state) back into ``model`` in place. The step donates its
+    inputs, so the arrays the model held before training are gone until this is called."""
+    nnx.update(model, trainable, *([] if rngs is None else [rngs]))
+    return model
+
+
 def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rngs, frozen, opt_state, batch):
     """One optimizer step over ``batch`` = {input_ids, attention_mask, labels}, each
     [micro_batches, batch, seq]. Returns (trainable, rngs, opt_state, metrics)."""
