@@ -192,3 +192,35 @@ def test_dropout_is_seeded_and_active_in_training(base):
     _, _, _, m1_again = step(split.trainable, split.rngs, split.frozen, tx.init(split.trainable), batch)
     assert float(m1["loss"]) != float(m2["loss"])  # the RNG state advances
     assert float(m1["loss"]) == float(m1_again["loss"])  # and is reproducible
+
+
+def test_fp16_dynamic_loss_scaling_skips_overflow_and_recovers(base):
+    """As torch.amp.GradScaler: an overflowing step leaves adapters and optimizer state untouched and
+    halves the scale; finite steps train; growth_interval finite steps double it."""
+    from qlora_jax.train import init_opt_state
+
+    model = qlora_jax.from_pretrained(base, quantization=qlora_jax.QuantConfig(compute_dtype="float16"),
+                                      dtype=jnp.float16)
+    qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    split = split_model(model)
+    tx = make_optimizer(1e-3, num_training_steps=40, max_grad_norm=1.0)
+    step = make_train_step(split.graphdef, tx, donate=False, growth_interval=3)
+    opt_state = init_opt_state(tx, split.trainable, loss_scaling=True, init_scale=2.0 ** 40)  # overflows in fp16
+    trainable, rngs = split.trainable, split.rngs
+    batch = _stack(_batches(1, seed=2))
+    scales, skipped, losses = [], [], []
+    for _ in range(40):
+        new, rngs, opt_state, m = step(trainable, rngs, split.frozen, opt_state, batch)
+        scales.append(float(m["loss_scale"]))
+        skipped.append(bool(m["skipped"]))
+        if skipped[-1]:
+            for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(trainable)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        else:
+            losses.append(float(m["loss"]))
+        trainable = new
+    assert skipped[0] and scales[1] == scales[0] / 2  # overflow: skipped, scale halved
+    assert not all(skipped) and np.isfinite(losses).all() and losses[-1] < losses[0]
+    first_ok = skipped.index(False)
+    assert not any(skipped[first_ok:first_ok + 3])
+    assert scales[first_ok + 3] == 2 * scales[first_ok]  # three finite steps in a row: doubled

@@ -45,15 +45,39 @@ def update_model(model, trainable, rngs=None):
     return model
 
 
-def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rngs, frozen, opt_state, batch):
+class LossScaleState(NamedTuple):
+    """Dynamic loss scaling for fp16 compute, as torch.amp.GradScaler: the loss is multiplied by
+    ``scale`` before differentiation and the gradients divided by it; a step whose gradients are
+    not finite is skipped and halves the scale; ``growth_interval`` finite steps in a row double it."""
+
+    scale: jax.Array
+    good_steps: jax.Array
+
+
+def init_loss_scale(init_scale: float = 2.0 ** 16) -> LossScaleState:
+    return LossScaleState(jnp.float32(init_scale), jnp.int32(0))
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, loss_scaling: bool = False,
+                   init_scale: float = 2.0 ** 16):
+    """The optimizer state the step expects: with ``loss_scaling``, (LossScaleState, optax state)."""
+    state = optimizer.init(trainable)
+    return (init_loss_scale(init_scale), state) if loss_scaling else state
+
+
+def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rngs, frozen, opt_state, batch, *,
+               growth_interval: int = 2000):
     """One optimizer step over ``batch`` = {input_ids, attention_mask, labels}, each
-    [micro_batches, batch, seq]. Returns (trainable, rngs, opt_state, metrics)."""
+    [micro_batches, batch, seq]. Returns (trainable, rngs, opt_state, metrics). ``opt_state`` from
+    ``init_opt_state``; a (LossScaleState, state) pair turns on dynamic loss scaling (fp16)."""
+    scaling = isinstance(opt_state, tuple) and len(opt_state) == 2 and isinstance(opt_state[0], LossScaleState)
+    scale = opt_state[0].scale if scaling else jnp.float32(1.0)
     total = jnp.maximum(jnp.sum(batch["labels"][:, :, 1:] != IGNORE_INDEX), 1).astype(jnp.float32)
 
     def micro_loss(model, micro):
         logits = model(micro["input_ids"], micro["attention_mask"])
         loss_sum, _ = causal_lm_loss_sum(logits, micro["labels"], IGNORE_INDEX)
-        return loss_sum / total
+        return loss_sum / total * scale
 
     grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, LoraParam))
 
@@ -68,15 +92,28 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rng
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     init = (zeros, jnp.zeros((), jnp.float32), rngs, trainable, frozen)
     (grads, loss, rngs, _, _), _ = jax.lax.scan(accumulate, init, batch)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+    grads = jax.tree.map(lambda g, p: (g / scale).astype(p.dtype), grads, trainable)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, rngs, opt_state, {"loss": loss, "grad_norm": grad_norm, "num_tokens": total}
+    inner = opt_state[1] if scaling else opt_state
+    updates, new_inner = optimizer.update(grads, inner, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss / scale, "grad_norm": grad_norm, "num_tokens": total}
+    if not scaling:
+        return new_trainable, rngs, new_inner, metrics
+    finite = jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    ls = opt_state[0]
+    grown = ls.good_steps + 1 >= growth_interval
+    new_ls = LossScaleState(
+        jnp.where(finite, jnp.where(grown, ls.scale * 2.0, ls.scale), ls.scale * 0.5),
+        jnp.where(finite & ~grown, ls.good_steps + 1, 0).astype(jnp.int32))
+    metrics.update(loss_scale=ls.scale, skipped=~finite)
+    return keep(new_trainable, trainable), rngs, (new_ls, keep(new_inner, inner)), metrics
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate: bool = True):
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate: bool = True,
+                    growth_interval: int = 2000):
     """``step(trainable, rngs, frozen, opt_state, batch) -> (trainable, rngs, opt_state, metrics)``,
     jitted, with the adapters, RNG state and optimizer state donated."""
-    fn = functools.partial(train_step, graphdef, optimizer)
+    fn = functools.partial(train_step, graphdef, optimizer, growth_interval=growth_interval)
     return jax.jit(fn, donate_argnums=(0, 1, 3) if donate else ())
