@@ -48,12 +48,14 @@ class PeakAnonMemory:
         return self.peak - self.start
 
 
-def _median_step_seconds(run_step, steps: int) -> float:
-    run_step()  # warm-up: compilation, allocator
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after one warm-up call (compilation,
+    caches, allocator); ``fn`` must block until its work is done."""
+    fn()
     times = []
-    for _ in range(steps):
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        run_step()
+        fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -84,7 +86,7 @@ def train_throughput_qlora_jax(ckpt: str, *, batch: int, seq: int, r: int, steps
             jax.block_until_ready(m["loss"])
             state[:] = [t, rg, o]
 
-        seconds = _median_step_seconds(run, steps)
+        seconds = median_seconds(run, steps)
     return {"tokens_per_s": batch * seq / seconds, "peak_added_bytes": mem.added}
 
 
@@ -118,7 +120,7 @@ def train_throughput_peft(ckpt: str, *, batch: int, seq: int, r: int, steps: int
             opt.step()
             opt.zero_grad()
 
-        seconds = _median_step_seconds(run, steps)
+        seconds = median_seconds(run, steps)
     return {"tokens_per_s": batch * seq / seconds, "peak_added_bytes": mem.added}
 
 

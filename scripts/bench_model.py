@@ -10,9 +10,7 @@ CPU inference path needs in_features divisible by the blocksize: hence 1408, not
 
 import argparse
 import datetime
-import statistics
 import tempfile
-import time
 import warnings
 
 import jax
@@ -23,17 +21,8 @@ import transformers
 from flax import nnx
 
 import qlora_jax
+from qlora_jax.bench import median_seconds
 from qlora_jax.models import write_tiny_checkpoint
-
-
-def median(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -58,8 +47,8 @@ def main():
         model = qlora_jax.from_pretrained(ckpt, quantization=quant, dtype=dtype)
         graphdef, state = nnx.split(model)
         fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-        t_fwd = median(lambda: jax.block_until_ready(fwd(state, ids)), a.repeats)
-        t_gen = median(lambda: jax.block_until_ready(qlora_jax.generate(model, prompt, max_new_tokens=a.new)),
+        t_fwd = median_seconds(lambda: jax.block_until_ready(fwd(state, ids)), a.repeats)
+        t_gen = median_seconds(lambda: jax.block_until_ready(qlora_jax.generate(model, prompt, max_new_tokens=a.new)),
                        a.repeats)
         print(f"| qlora_jax | {label} | {ids.size / t_fwd:,.0f} | {a.new / t_gen:,.1f} |")
     hf_variants = [("float32", dict(dtype=torch.float32)), ("bfloat16", dict(dtype=torch.bfloat16)),
@@ -73,8 +62,8 @@ def main():
             hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, **kw).eval()
         x, pr = torch.tensor(ids), torch.tensor(prompt)
         with torch.no_grad():
-            t_fwd = median(lambda: hf(x), a.repeats)
-            t_gen = median(lambda: hf.generate(pr, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False),
+            t_fwd = median_seconds(lambda: hf(x), a.repeats)
+            t_gen = median_seconds(lambda: hf.generate(pr, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False),
                            a.repeats)
         print(f"| transformers | {label} | {ids.size / t_fwd:,.0f} | {a.new / t_gen:,.1f} |")
 

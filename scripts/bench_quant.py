@@ -10,8 +10,6 @@ this process on the same tensors. Prints a Markdown table for docs/benchmarks.md
 import argparse
 import datetime
 import platform
-import statistics
-import time
 import warnings
 
 import jax
@@ -24,16 +22,7 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as F
 
 import qlora_jax
-
-
-def median_seconds(fn, repeats):
-    fn()  # warm-up: compilation, caches
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from qlora_jax.bench import median_seconds
 
 
 def main():

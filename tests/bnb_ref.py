@@ -84,3 +84,26 @@ def assert_nested_codes_match(ours, theirs, scaled) -> None:
     # Near-midpoint values are rare (about 0.2% of codes on random weights); on a sample large
     # enough to measure, a larger share would mean a systematic difference, not lookup-table steps.
     assert diff.size < 1000 or diff.mean() < 0.01, f"{diff.mean():.2%} of nested codes differ"
+
+
+def hf_model_on_our_base(model, checkpoint, **kwargs):
+    """transformers' model of ``checkpoint`` with every quantized linear replaced by our
+    dequantization of it (fp32): the reference that NF4 model and LoRA parity tests run against."""
+    import transformers
+
+    import qlora_jax
+    from qlora_jax.lora import LoraLinear, linear_modules
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager", **kwargs)
+    state = hf.state_dict()
+    with torch.no_grad():
+        for path, (node, names) in linear_modules(model).items():
+            linear = node.base_layer if isinstance(node, LoraLinear) else node
+            w = linear.weight.get_value()
+            if not isinstance(w, qlora_jax.QuantizedArray):
+                continue
+            w = np.asarray(qlora_jax.dequantize(w, jnp.float32))
+            for layer, name in names:
+                stacked = model.scan_layers and path[0] == "layers"
+                state[name + ".weight"].copy_(torch.from_numpy(np.ascontiguousarray(w[layer] if stacked else w)))
+    return hf

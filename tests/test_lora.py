@@ -16,6 +16,8 @@ import qlora_jax
 from qlora_jax.lora import LoraLinear, build_optimizer, count_parameters, trainable_mask
 from qlora_jax.models import write_tiny_checkpoint
 
+from bnb_ref import hf_model_on_our_base
+
 IDS = np.array([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 
 
@@ -117,15 +119,7 @@ def test_lora_on_nf4_base_matches_peft_on_the_dequantized_base(base, tmp_path):
     qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                      init_lora_weights=False))
     qlora_jax.save_adapter(model, tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
-    state = hf.state_dict()
-    with torch.no_grad():
-        for path, m in qlora_jax.lora._inject.lora_modules(model):
-            w = qlora_jax.dequantize(m.base_layer.weight.get_value(), jnp.float32)
-            for i in range(3):
-                name = "model.layers.{}.".format(i) + ".".join(map(str, path[1:]))
-                state[name + ".weight"].copy_(torch.from_numpy(np.asarray(w[i])))
-    pm = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    pm = peft.PeftModel.from_pretrained(hf_model_on_our_base(model, base), tmp_path).eval()
     assert _max_rel(np.asarray(model(jnp.asarray(IDS))), _logits_torch(pm)) < 1e-5
 
 

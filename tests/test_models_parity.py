@@ -12,6 +12,8 @@ import transformers
 import qlora_jax
 from qlora_jax.models import position_ids_from_mask
 
+from bnb_ref import hf_model_on_our_base
+
 SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
 ARCHS = {
@@ -78,21 +80,10 @@ def test_nf4_model_matches_transformers_on_dequantized_weights(checkpoint):
     the transformers model, the logits agree to fp32 rounding."""
     name, hf, path = checkpoint
     model = qlora_jax.from_pretrained(path, quantization=qlora_jax.QuantConfig(compute_dtype="float32"))
-    layer0 = model.layers[0] if not model.scan_layers else None
     q = model.layers.self_attn.q_proj.weight.get_value()
-    assert isinstance(q, qlora_jax.QuantizedArray) and q.batch_shape == (3,), layer0
+    assert isinstance(q, qlora_jax.QuantizedArray) and q.batch_shape == (3,)
     assert not isinstance(model.embed_tokens.get_value(), qlora_jax.QuantizedArray)
-    deq = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    state = deq.state_dict()
-    with torch.no_grad():
-        for i in range(3):
-            for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-                sub = model.layers
-                for part in mod.split("."):
-                    sub = getattr(sub, part)
-                w = jax.tree.map(lambda x: x[i], sub.weight.get_value())
-                state[f"model.layers.{i}.{mod}.weight"].copy_(torch.from_numpy(np.asarray(qlora_jax.dequantize(w))))
+    deq = hf_model_on_our_base(model, path).eval()
     ids, _ = _inputs()
     with torch.no_grad():
         theirs = deq(torch.tensor(ids)).logits.numpy()

@@ -15,6 +15,8 @@ import transformers
 import qlora_jax
 from qlora_jax.lora import LoraLinear
 from qlora_jax.models import write_tiny_checkpoint
+
+from bnb_ref import hf_model_on_our_base
 from qlora_jax.train import (IGNORE_INDEX, make_optimizer, make_schedule, make_train_step, merge_model,
                              split_model)
 
@@ -58,15 +60,7 @@ def test_twenty_steps_match_peft_training(base, tmp_path):
     qlora_jax.apply_lora(model, config, seed=0)
     qlora_jax.save_adapter(model, tmp_path / "init")
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
-    state = hf.state_dict()
-    with torch.no_grad():
-        for path, m in qlora_jax.lora._inject.lora_modules(model):
-            w = qlora_jax.dequantize(m.base_layer.weight.get_value(), jnp.float32)
-            for i in range(2):
-                state[f"model.layers.{i}." + ".".join(map(str, path[1:])) + ".weight"].copy_(
-                    torch.from_numpy(np.asarray(w[i])))
-    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "init", is_trainable=True)
+    pm = peft.PeftModel.from_pretrained(hf_model_on_our_base(model, base), tmp_path / "init", is_trainable=True)
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     torch_opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
