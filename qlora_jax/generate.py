@@ -63,8 +63,9 @@ def _generate(graphdef, state, input_ids, attention_mask, key, *, max_new_tokens
     def step(carry):
         i, seqs, last_logits, cache, next_pos, finished, key, params = carry
         key, sub = jax.random.split(key)
-        valid = jnp.broadcast_to(jnp.arange(total) < p + i, seqs.shape)  # the prompt (pads too, as
-        scores = _process_logits(last_logits.astype(jnp.float32), seqs, valid, **kw)  # transformers) + new
+        # ids seen so far: the prompt (its pads too, as transformers) and the new tokens
+        valid = jnp.broadcast_to(jnp.arange(total) < p + i, seqs.shape)
+        scores = _process_logits(last_logits.astype(jnp.float32), seqs, valid, **kw)
         tok = (jax.random.categorical(sub, scores, axis=-1) if do_sample else jnp.argmax(scores, axis=-1))
         tok = jnp.where(finished, pad_token_id, tok).astype(seqs.dtype)
         seqs = jax.lax.dynamic_update_slice_in_dim(seqs, tok[:, None], p + i, axis=1)

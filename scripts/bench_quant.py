@@ -14,7 +14,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 
 with warnings.catch_warnings():

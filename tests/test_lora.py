@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import qlora_jax
-from qlora_jax.lora import LoraLinear, build_optimizer, count_parameters, trainable_mask
+from qlora_jax.lora import build_optimizer, count_parameters, trainable_mask
 from qlora_jax.models import write_tiny_checkpoint
 
 from bnb_ref import hf_model_on_our_base

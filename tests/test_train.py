@@ -1,7 +1,6 @@
 """The QLoRA train step against transformers + PEFT, accumulation, schedules, clipping."""
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,6 @@ import torch
 import transformers
 
 import qlora_jax
-from qlora_jax.lora import LoraLinear
 from qlora_jax.models import write_tiny_checkpoint
 
 from bnb_ref import hf_model_on_our_base

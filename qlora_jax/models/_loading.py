@@ -82,7 +82,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
 
     # Where each checkpoint tensor goes: key -> (position in flat, layer index or None).
     wanted: dict[str, tuple[int, int | None]] = {}
-    for i, (path, var) in enumerate(flat):
+    for i, (path, _) in enumerate(flat):
         key, layer = _hf_key(path)
         if layer == -1:
             for li in range(cfg.num_hidden_layers):
@@ -125,7 +125,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
         raise ValueError(f"checkpoint {str(ckpt)!r} lacks {len(missing)} tensor(s) the model needs, e.g. "
                          f"{missing[:5]}")
     if unused:
-        warnings.warn(f"{len(unused)} checkpoint tensor(s) are not used by the model, e.g. {unused[:5]}")
+        warnings.warn(f"{len(unused)} checkpoint tensor(s) are not used by the model, e.g. {unused[:5]}",
+                      stacklevel=2)
     for i in list(stacks):  # one kind of leaf at a time, so only its per-layer parts are doubled
         values[i] = jax.tree.map(lambda *xs: jnp.stack(xs), *stacks.pop(i))
         release_freed_memory()

@@ -11,7 +11,6 @@ symbolic zero, so no gradient buffer of its size is ever made.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
