@@ -1,7 +1,8 @@
 """The ``qlora-jax`` command.
 
 Subcommands so far: ``info`` (a checkpoint's shape and its 4-bit storage; ``--quantize`` streams
-and quantizes every tensor for real) and ``generate`` (load, quantize, complete prompts).
+and quantizes every tensor for real) and ``generate`` (load, quantize, attach an adapter,
+complete prompts).
 ``train``, ``merge`` and ``launch`` arrive with the issues that build them.
 """
 
@@ -85,6 +86,10 @@ def cmd_generate(args) -> int:
         quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
         compute_dtype=args.dtype)
     model = from_pretrained(ckpt, quantization=quantization, dtype=getattr(jnp, args.dtype))
+    if args.adapter:
+        from .lora import load_adapter
+
+        load_adapter(model, args.adapter)
     tok = AutoTokenizer.from_pretrained(ckpt, padding_side="left")
     if tok.pad_token is None:  # as TRL: a missing pad token becomes the EOS token
         tok.pad_token = tok.eos_token
@@ -120,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", help="checkpoint directory or hub id")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    gen.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format) to attach")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)

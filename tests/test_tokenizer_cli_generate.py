@@ -50,3 +50,23 @@ def test_cli_generate_matches_transformers(tiny, capsys):
 def test_cli_generate_nf4_chat(tiny, capsys):
     assert cli.main(["generate", str(tiny), "--prompt", "hi", "--chat", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("### hi\n")
+
+
+def test_cli_generate_with_a_peft_adapter_matches_peft(tiny, tmp_path, capsys):
+    import peft
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    pm.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    batch = tok(["Hi"], return_tensors="pt")
+    with torch.no_grad():
+        out = pm.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    args = ["generate", str(tiny), "--adapter", str(tmp_path), "--quant-type", "none", "--dtype", "float32",
+            "--max-new-tokens", "5", "--prompt", "Hi"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == f"### Hi\n{expected}\n"

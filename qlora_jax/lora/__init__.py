@@ -1,13 +1,13 @@
 """LoRA adapters on a loaded model: configuration, injection, the trainable mask, PEFT format."""
 
 from ._config import LoraConfig
-from ._inject import DEFAULT_TARGETS, apply_lora, linear_modules, merge_adapters, set_adapter
+from ._inject import DEFAULT_TARGETS, apply_lora, linear_modules, lora_configs, merge_adapters, set_adapter
 from ._layers import LoraAdapter, LoraLayerMask, LoraLinear, LoraParam
 from ._peft import load_adapter, read_adapter_config, save_adapter
 from ._trainable import build_optimizer, count_parameters, is_trainable, print_trainable_parameters, trainable_mask
 
 __all__ = [
     "DEFAULT_TARGETS", "LoraAdapter", "LoraConfig", "LoraLayerMask", "LoraLinear", "LoraParam", "apply_lora",
-    "build_optimizer", "count_parameters", "is_trainable", "linear_modules", "load_adapter", "merge_adapters",
+    "build_optimizer", "count_parameters", "is_trainable", "linear_modules", "load_adapter", "lora_configs", "merge_adapters",
     "print_trainable_parameters", "read_adapter_config", "save_adapter", "set_adapter", "trainable_mask",
 ]

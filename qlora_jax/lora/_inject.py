@@ -115,8 +115,14 @@ def apply_lora(model, config: LoraConfig, seed: int = 0, adapter_name: str = "de
             node.lora[adapter_name] = adapter
         else:
             _set(model, path, LoraLinear(node, {adapter_name: adapter}, adapter_name))
-    model.lora_configs = {**getattr(model, "lora_configs", {}), adapter_name: config}
+    # static metadata of the model's graph, so hashable: (name, config) pairs
+    model.lora_configs = tuple(sorted({**lora_configs(model), adapter_name: config}.items()))
     return model
+
+
+def lora_configs(model) -> dict:
+    """{adapter name: LoraConfig} of the adapters applied to ``model``."""
+    return dict(getattr(model, "lora_configs", ()))
 
 
 def lora_modules(model):

@@ -12,7 +12,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ._config import LoraConfig
-from ._inject import apply_lora, linear_modules, set_adapter
+from ._inject import apply_lora, linear_modules, lora_configs, set_adapter
 from ._layers import LoraLinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -57,11 +57,12 @@ def save_adapter(model, path: str | os.PathLike, adapter_name: str | None = None
     """Write the adapter as PEFT's ``save_pretrained`` does (keys without the adapter name,
     lora_A [r, in] and lora_B [out, r], the adapter's dtype), atomically: a half-written
     directory never replaces a good one."""
-    names = sorted(getattr(model, "lora_configs", {}))
+    configs = lora_configs(model)
+    names = sorted(configs)
     adapter_name = adapter_name or ("default" if "default" in names else (names[0] if names else None))
     if adapter_name not in names:
         raise ValueError(f"adapter_name={adapter_name!r} is not on this model; adapters: {names}")
-    config = model.lora_configs[adapter_name]
+    config = configs[adapter_name]
     tensors = {}
     for prefix, ad, layer in _adapter_slots(model, adapter_name):
         for part in ("lora_A", "lora_B"):
@@ -114,7 +115,7 @@ def load_adapter(model, path: str | os.PathLike, adapter_name: str = "default"):
     from safetensors import safe_open
 
     config = read_adapter_config(path)
-    first = not getattr(model, "lora_configs", {})
+    first = not lora_configs(model)
     apply_lora(model, config, adapter_name=adapter_name)
     weights = Path(path) / WEIGHTS_NAME
     with safe_open(weights, "numpy") as f:
