@@ -1,0 +1,87 @@
+"""The SFT data pipeline: formats, loss masks, truncation, fixed-shape batches, resumable order."""
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from qlora_jax.data import (DataPosition, Fields, detect_format, iterate_batches, load_records, render,
+                            tokenize)
+from qlora_jax.models import write_tiny_tokenizer
+from qlora_jax.train import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    write_tiny_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_formats_are_detected_and_rendered(tok):
+    f = Fields()
+    assert detect_format(["text"], f) == "text"
+    assert detect_format(["prompt", "completion"], f) == "prompt_completion"
+    assert detect_format(["messages"], f) == "messages"
+    assert detect_format(["instruction", "input", "output"], f) == "alpaca"
+    with pytest.raises(ValueError, match=r"cannot tell the record format from the fields \['body', 'id'\]"):
+        detect_format(["id", "body"], f)
+    prompt, completion = render({"messages": [{"role": "user", "content": "2+2?"},
+                                              {"role": "assistant", "content": "4"}]}, "messages", f, tok)
+    assert prompt == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" and completion == "4<|im_end|>\n"
+    prompt, completion = render({"instruction": "Add", "input": "2 2", "output": "4"}, "alpaca", f, tok)
+    assert "### Instruction:\nAdd" in prompt and "### Input:\n2 2" in prompt and completion == "4"
+    with pytest.raises(ValueError, match=r"record lacks field\(s\) \['completion'\]"):
+        render({"prompt": "x"}, "prompt_completion", f, tok)
+
+
+def test_completion_only_loss_masks_the_prompt(tok, tmp_path):
+    records = load_records(_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: abc\nA:", "completion": " xyz"}]))
+    t = tokenize(records, tok, max_seq_length=64)
+    ids, labels = t.input_ids[0], t.labels[0]
+    n_prompt = len(tok("Q: abc\nA:")["input_ids"])
+    assert (labels[:n_prompt] == IGNORE_INDEX).all() and (labels[n_prompt:] == ids[n_prompt:]).all()
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[n_prompt:-1]) == " xyz"
+    full = tokenize(records, tok, max_seq_length=64, completion_only_loss=False)
+    assert (full.labels[0] == full.input_ids[0]).all()
+
+
+def test_truncation_is_counted(tok, tmp_path):
+    rows = [{"text": "a" * 100}, {"text": "short"}]
+    t = tokenize(load_records(_jsonl(tmp_path / "t.jsonl", rows)), tok, max_seq_length=32)
+    assert t.num_truncated == 1 and len(t.input_ids[0]) == 32
+
+
+def test_batches_have_bucketed_fixed_shapes_and_resume_exactly(tok, tmp_path):
+    rows = [{"text": "x" * (i % 70 + 1)} for i in range(40)]
+    data = tokenize(load_records(_jsonl(tmp_path / "b.jsonl", rows)), tok, max_seq_length=96)
+    stream = iterate_batches(data, batch_size=4, micro_batches=2, max_seq_length=96, pad_token_id=3, seed=7)
+    seen = [next(stream) for _ in range(8)]  # 5 batches per epoch: crosses into epoch 1
+    for pos, batch in seen:
+        assert batch["input_ids"].shape[:2] == (2, 4) and batch["input_ids"].shape[2] in (64, 96)
+        assert ((batch["labels"] == IGNORE_INDEX) | (batch["attention_mask"] == 1)).all()
+    assert [p for p, _ in seen][4:6] == [DataPosition(0, 5), DataPosition(1, 1)]
+    first_epoch_rows = np.concatenate([b["input_ids"].reshape(8, -1)[:, :1] for _, b in seen[:5]])
+    assert len(first_epoch_rows) == 40  # every example once per epoch
+    resumed = iterate_batches(data, batch_size=4, micro_batches=2, max_seq_length=96, pad_token_id=3, seed=7,
+                              start=seen[2][0])
+    for (p1, b1), (p2, b2) in zip(seen[3:], [next(resumed) for _ in range(5)], strict=True):
+        assert p1 == p2 and all(np.array_equal(b1[k], b2[k]) for k in b1)
+    other = iterate_batches(data, batch_size=4, micro_batches=2, max_seq_length=96, pad_token_id=3, seed=8)
+    assert not np.array_equal(next(other)[1]["input_ids"], seen[0][1]["input_ids"])
+
+
+def test_bad_datasets(tok, tmp_path):
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        tokenize([], tok)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_records(tmp_path / "missing.jsonl")
+    data = tokenize(load_records(_jsonl(tmp_path / "s.jsonl", [{"text": "a"}])), tok, max_seq_length=8)
+    with pytest.raises(ValueError, match="1 examples do not fill one batch of 1 x 4"):
+        next(iterate_batches(data, batch_size=4, max_seq_length=8, pad_token_id=3))
