@@ -63,7 +63,7 @@ def test_batches_have_bucketed_fixed_shapes_and_resume_exactly(tok, tmp_path):
     data = tokenize(load_records(_jsonl(tmp_path / "b.jsonl", rows)), tok, max_seq_length=96)
     stream = iterate_batches(data, batch_size=4, micro_batches=2, max_seq_length=96, pad_token_id=3, seed=7)
     seen = [next(stream) for _ in range(8)]  # 5 batches per epoch: crosses into epoch 1
-    for pos, batch in seen:
+    for _, batch in seen:
         assert batch["input_ids"].shape[:2] == (2, 4) and batch["input_ids"].shape[2] in (64, 96)
         assert ((batch["labels"] == IGNORE_INDEX) | (batch["attention_mask"] == 1)).all()
     assert [p for p, _ in seen][4:6] == [DataPosition(0, 5), DataPosition(1, 1)]
