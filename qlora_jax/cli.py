@@ -3,7 +3,8 @@
 Subcommands so far: ``info`` (a checkpoint's shape and its 4-bit storage; ``--quantize`` streams
 and quantizes every tensor for real) and ``generate`` (load, quantize, attach an adapter,
 complete prompts).
-``train``, ``merge`` and ``launch`` arrive with the issues that build them.
+``train`` fine-tunes from a run config; ``merge`` and ``launch`` arrive with the issues that
+build them.
 """
 
 from __future__ import annotations
@@ -108,6 +109,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):  # no CONFIG, only overrides
+        path, overrides = None, [path, *overrides]
+    config = load_config(path, overrides)
+    result = train(config)
+    print(f"done: {result['step']} steps, final loss {result['loss']:.4f}; adapter in "
+          f"{config.output_dir}/adapter")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-jax", description="QLoRA fine-tuning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-double-quant", dest="double_quant", action="store_false")
     gen.add_argument("--revision", default=None, help="hub revision (with a hub id)")
     gen.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser("train", help="QLoRA fine-tuning from a run config",
+                        description="Fine-tune with QLoRA as CONFIG (YAML) describes, with key.sub=value overrides "
+                                    "(model=X is short for model.name_or_path=X). Checkpoints go to "
+                                    "<output_dir>/checkpoints/, the adapter (PEFT format) to <output_dir>/adapter/, "
+                                    "metrics to <output_dir>/metrics.jsonl; an output_dir with this run's "
+                                    "checkpoints resumes.")
+    tr.add_argument("config", nargs="?", default=None, help="a YAML run config (configs/*.yaml); omit for defaults")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

@@ -5,6 +5,8 @@ from ._optim import SCHEDULES, clip_by_global_norm_torch, make_optimizer, make_s
 from ._step import (LossScaleState, SplitModel, init_loss_scale, init_opt_state, make_train_step, merge_model,
                     split_model, train_step, update_model)
 
-__all__ = ["IGNORE_INDEX", "LossScaleState", "SCHEDULES", "SplitModel", "init_loss_scale", "init_opt_state", "causal_lm_loss_sum", "clip_by_global_norm_torch",
+from ._trainer import train
+
+__all__ = ["train", "IGNORE_INDEX", "LossScaleState", "SCHEDULES", "SplitModel", "init_loss_scale", "init_opt_state", "causal_lm_loss_sum", "clip_by_global_norm_torch",
            "make_optimizer", "make_schedule", "make_train_step", "merge_model", "split_model", "train_step",
            "update_model", "warmup_steps_for"]

@@ -1,0 +1,143 @@
+"""The training loop behind ``qlora-jax train``: config -> model, adapters, data -> steps, logs,
+Orbax checkpoints (exact resume) -> a PEFT adapter.
+
+Layout under ``output_dir``: ``run_config.json`` (the resolved config), ``checkpoints/<step>/``
+(Orbax: adapters, optimizer state, RNG state, step, data position), ``metrics.jsonl`` (one line
+per logged step), and ``adapter/`` (the final adapter in PEFT's format).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from typing import TYPE_CHECKING
+
+from ..checkpoint import RunCheckpointer
+from ..data import DataPosition, Fields, batches_per_epoch, iterate_batches, load_records, tokenize
+from ..lora import apply_lora, save_adapter
+from ..models import from_pretrained
+from ._optim import make_optimizer
+from ._step import init_opt_state, make_train_step, split_model, update_model
+
+if TYPE_CHECKING:  # qlora_jax.config imports this package (its schedules): no import cycle at run time
+    from ..config import RunConfig
+
+
+def _prepare_output_dir(config: RunConfig) -> tuple[Path, bool]:
+    """Create or reuse ``output_dir``; returns (dir, resume?). A directory holding another run's
+    checkpoints is refused unless ``resume=true`` (continue anyway) or ``overwrite_output_dir``."""
+    from ..config import config_to_dict
+
+    out = Path(config.output_dir)
+    saved = out / "run_config.json"
+    has_checkpoints = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
+    current = config_to_dict(config)
+    if config.overwrite_output_dir and out.exists():
+        shutil.rmtree(out)
+        has_checkpoints = False
+    elif has_checkpoints and config.resume is not False:
+        previous = json.loads(saved.read_text()) if saved.exists() else None
+        comparable = {k: v for k, v in current.items() if k not in ("resume", "overwrite_output_dir")}
+        before = {k: v for k, v in (previous or {}).items() if k not in ("resume", "overwrite_output_dir")}
+        if before != comparable and config.resume is not True:
+            changed = sorted(k for k in set(comparable) | set(before) if comparable.get(k) != before.get(k))
+            raise ValueError(f"output_dir {str(out)!r} holds checkpoints of a run with a different config "
+                             f"(sections {changed}); pass resume=true to continue it anyway or "
+                             "overwrite_output_dir=true to start over")
+    elif has_checkpoints:  # resume=false with checkpoints present
+        raise ValueError(f"output_dir {str(out)!r} holds checkpoints and resume=false; pass "
+                         "overwrite_output_dir=true to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(current, indent=2))
+    return out, has_checkpoints
+
+
+def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) -> dict:
+    """Run (or resume) a QLoRA fine-tuning described by ``config``; returns final metrics.
+
+    ``stop_after_steps`` ends this process's run early (after saving), as a preemption would:
+    the next call resumes where it stopped.
+    """
+    from transformers import AutoTokenizer
+
+    out, resume = _prepare_output_dir(config)
+    t = config.training
+    model = from_pretrained(config.model.name_or_path, quantization=config.quantization,
+                            dtype=getattr(jnp, config.model.dtype), scan_layers=config.model.scan_layers,
+                            gradient_checkpointing=True if t.gradient_checkpointing else None,
+                            revision=config.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path, revision=config.model.revision)
+    if tokenizer.pad_token is None:  # as TRL: a missing pad token becomes the EOS token
+        tokenizer.pad_token = tokenizer.eos_token
+    apply_lora(model, config.lora, seed=config.seed)
+
+    d = config.data
+    fields = Fields(d.text_field, d.prompt_field, d.completion_field, d.messages_field)
+    data = tokenize(load_records(d.path), tokenizer, fmt=d.format, fields=fields, max_seq_length=d.max_seq_length,
+                    completion_only_loss=d.completion_only_loss)
+    if data.num_truncated:
+        log(f"{data.num_truncated} of {len(data.input_ids)} examples truncated to {d.max_seq_length} tokens")
+    per_epoch = batches_per_epoch(len(data.input_ids), t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * per_epoch))
+
+    tx = make_optimizer(t.learning_rate, num_training_steps=total_steps, lr_scheduler_type=t.lr_scheduler_type,
+                        warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
+                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
+                        max_grad_norm=t.max_grad_norm or None)
+    parts = split_model(model)
+    fp16 = config.model.dtype == "float16"
+    trainable, rngs = parts.trainable, parts.rngs
+    opt_state = init_opt_state(tx, trainable, loss_scaling=fp16)
+    checkpointer = RunCheckpointer(out / "checkpoints", max_to_keep=t.save_total_limit)
+    step, position = 0, DataPosition()
+    if resume and checkpointer.latest_step() is not None:
+        step = checkpointer.latest_step()
+        restored, meta = checkpointer.restore(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state})
+        trainable, rngs, opt_state = restored["trainable"], restored["rngs"], restored["opt_state"]
+        position = DataPosition(meta["epoch"], meta["batch"])
+        log(f"resumed from step {step} ({out / 'checkpoints' / str(step)})")
+    stream = iterate_batches(data, batch_size=t.per_device_train_batch_size, micro_batches=t.gradient_accumulation_steps,
+                             max_seq_length=d.max_seq_length, pad_token_id=tokenizer.pad_token_id, seed=config.seed,
+                             start=position)
+    train_step = make_train_step(parts.graphdef, tx)
+    metrics_file = (out / "metrics.jsonl").open("a")
+    last_loss, tokens, t0 = float("nan"), 0, time.perf_counter()
+    try:
+        while step < total_steps:
+            position, batch = next(stream)
+            trainable, rngs, opt_state, m = train_step(trainable, rngs, parts.frozen, opt_state,
+                                                       {k: jnp.asarray(v) for k, v in batch.items()})
+            step += 1
+            loss = float(m["loss"])
+            if not np.isfinite(loss) and not (fp16 and bool(m.get("skipped", False))):
+                raise FloatingPointError(f"the loss became {loss} at step {step}; the last good checkpoint is step "
+                                         f"{checkpointer.latest_step()} in {out / 'checkpoints'}")
+            last_loss, tokens = loss, tokens + int(m["num_tokens"])
+            if step % t.logging_steps == 0 or step == total_steps:
+                rate = tokens / (time.perf_counter() - t0)
+                record = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": rate}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                log(f"step {step}/{total_steps}  loss {loss:.4f}  grad_norm {record['grad_norm']:.3f}  "
+                    f"{rate:,.0f} tokens/s")
+            stopping = stop_after_steps is not None and step >= stop_after_steps
+            if step % t.save_steps == 0 or step == total_steps or stopping:
+                checkpointer.save(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state},
+                                  {"step": step, "epoch": position.epoch, "batch": position.batch})
+            if stopping:
+                break
+    finally:
+        metrics_file.close()
+        checkpointer.close()
+    update_model(model, trainable, rngs)
+    if step >= total_steps:
+        save_adapter(model, out / "adapter")
+    return {"step": step, "total_steps": total_steps, "loss": last_loss, "model": model}
