@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
