@@ -123,6 +123,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    import jax.numpy as jnp
+
+    from .lora import load_adapter, save_merged
+    from .models import from_pretrained
+
+    ckpt = resolve_checkpoint(args.model, revision=args.revision)
+    quantization = None if args.quant_type == "none" else quant.QuantConfig(
+        quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant, compute_dtype="float32")
+    model = from_pretrained(ckpt, quantization=quantization, dtype=jnp.float32)
+    load_adapter(model, args.adapter)
+    report = save_merged(model, args.output, dtype=args.dtype, source=ckpt)
+    print(f"merged {args.adapter} into {ckpt} (dequantized, not re-quantized) -> {args.output} ({args.dtype})")
+    if quantization is not None:
+        print(f"a merge re-quantized to {args.quant_type} would have moved the merged weights by "
+              f"{100 * report['requantized_drift']:.2f}% (relative RMS)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-jax", description="QLoRA fine-tuning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", nargs="?", default=None, help="a YAML run config (configs/*.yaml); omit for defaults")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     tr.set_defaults(func=cmd_train)
+
+    mg = sub.add_parser("merge", help="fold an adapter into its base and write a Hugging Face checkpoint",
+                        description="Load MODEL as it was trained (NF4 by default), attach --adapter, merge it onto "
+                                    "the dequantized base (never re-quantizing) and write --output in --dtype.")
+    mg.add_argument("model", help="the base checkpoint directory or hub id")
+    mg.add_argument("--adapter", required=True, help="the LoRA adapter directory (PEFT format)")
+    mg.add_argument("--output", required=True, help="where to write the merged checkpoint")
+    mg.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    mg.add_argument("--quant-type", default="nf4", choices=(*quant.QUANT_TYPES, "none"),
+                    help="how the base was quantized during training (none: a dense base)")
+    mg.add_argument("--blocksize", type=int, default=64, choices=quant.BLOCKSIZES_4BIT)
+    mg.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    mg.add_argument("--revision", default=None)
+    mg.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -202,3 +202,23 @@ def test_bad_configs_and_adapters(base, tmp_path):
         qlora_jax.load_adapter(qlora_jax.from_pretrained(base), tmp_path / "adapter")
     with pytest.raises(ValueError, match="has no adapter_config.json"):
         qlora_jax.load_adapter(qlora_jax.from_pretrained(base), tmp_path)
+
+
+def test_merged_checkpoint_loads_in_transformers_and_matches_peft(base, tmp_path, capsys):
+    """`qlora-jax merge`: the NF4 base dequantized, the adapter folded in, written for transformers;
+    its logits equal PEFT's on the same dequantized base (fp32 output here)."""
+    from qlora_jax import cli
+
+    pm = _peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                                           task_type="CAUSAL_LM"))
+    pm.save_pretrained(tmp_path / "adapter")
+    assert cli.main(["merge", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged"),
+                     "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "not re-quantized" in printed and "would have moved the merged weights by" in printed
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    nf4 = qlora_jax.from_pretrained(base, quantization=qlora_jax.QuantConfig(compute_dtype="float32"))
+    reference = peft.PeftModel.from_pretrained(hf_model_on_our_base(nf4, base), tmp_path / "adapter").eval()
+    assert _max_rel(_logits_torch(merged), _logits_torch(reference)) < 1e-5
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())

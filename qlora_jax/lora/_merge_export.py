@@ -1,0 +1,92 @@
+"""``save_merged``: a base with its adapter folded in, written as a Hugging Face checkpoint.
+
+The adapter is merged onto the dequantized base and written in ``dtype`` (bf16 by default),
+never re-quantized: a re-quantized merge loses quality (peft#2321). The drift such a merge would
+have is measured and returned, so users can see what they avoid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from ..models._checkpoint import resolve_checkpoint
+from ..models._loading import _hf_key
+from ..quant import dequantize, quantize
+from ._inject import lora_modules, merge_adapters
+
+_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+           "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _requantized_drift(model, adapter_name) -> float:
+    """Relative RMS change a re-quantized merge (NF4, as the base) would add to the merged weights."""
+    num = den = 0.0
+    for _, m in lora_modules(model):
+        w = m.base_layer.weight.get_value()
+        if not hasattr(w, "quant_type"):
+            continue
+        merged = dequantize(w, jnp.float32)
+        ad = m.lora[adapter_name or m.active_adapter]
+        delta = jnp.matmul(ad.lora_B[...], ad.lora_A[...]) * ad.scaling
+        if ad.layer_mask is not None:
+            delta = delta * ad.layer_mask[...][:, None, None]
+        merged = merged + delta
+        back = dequantize(quantize(merged, quant_type=w.quant_type, blocksize=w.blocksize,
+                                   double_quant=w.double_quant, batch_dims=len(w.batch_shape)), jnp.float32)
+        num += float(jnp.sum((back - merged) ** 2))
+        den += float(jnp.sum(merged ** 2))
+    return math.sqrt(num / den) if den else 0.0
+
+
+def save_merged(model, output_dir: str | os.PathLike, *, dtype: str = "bfloat16", adapter_name: str | None = None,
+                source: str | os.PathLike | None = None) -> dict:
+    """Merge the active (or named) adapter into the base and write ``output_dir`` as a Hugging Face
+    checkpoint (model.safetensors, config.json without quantization_config, the tokenizer files)
+    that transformers loads. Changes ``model`` in place (its adapters are folded in).
+
+    Returns {"requantized_drift": relative RMS error a re-quantized merge would add}.
+    """
+    if dtype not in _NUMPY:
+        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {list(_NUMPY)}")
+    src = resolve_checkpoint(source or getattr(model, "name_or_path", None) or "")
+    drift = _requantized_drift(model, adapter_name)
+    merge_adapters(model, adapter_name)
+    tensors = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key, layer = _hf_key(path)
+        value = var.get_value()
+        if hasattr(value, "quant_type"):  # a quantized linear no adapter touched
+            value = dequantize(value, jnp.float32)
+        array = np.asarray(jnp.asarray(value, jnp.float32)).astype(_NUMPY[dtype])
+        if layer == -1:
+            for i in range(array.shape[0]):
+                tensors[key.format(i)] = np.ascontiguousarray(array[i])
+        else:
+            tensors[key] = array
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for name in _COPIED:
+        if (src / name).exists():
+            shutil.copy2(src / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {"requantized_drift": drift}
