@@ -6,7 +6,7 @@ The base is frozen in 4-bit NormalFloat with double-quantized scales (``quantize
 
 from .generate import generate
 from .lora import (LoraConfig, apply_lora, load_adapter, merge_adapters, print_trainable_parameters, save_adapter,
-                   set_adapter, trainable_mask)
+                   set_adapter, trainable_mask, unmerge_adapters)
 from .models import from_pretrained
 from .quant import (QuantConfig, QuantizedArray, StorageReport, dequantize, dequantize_params, from_bnb_state,
                     quantize, quantize_params, storage_report, to_bnb_state)
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "apply_lora", "load_adapter", "merge_adapters", "print_trainable_parameters", "save_adapter",
-    "set_adapter", "trainable_mask",
+    "set_adapter", "trainable_mask", "unmerge_adapters",
     "QuantConfig", "QuantizedArray", "from_pretrained", "generate", "StorageReport", "dequantize", "dequantize_params", "from_bnb_state", "quantize",
     "quantize_params", "storage_report", "to_bnb_state",
 ]

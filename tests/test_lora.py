@@ -222,3 +222,25 @@ def test_merged_checkpoint_loads_in_transformers_and_matches_peft(base, tmp_path
     assert _max_rel(_logits_torch(merged), _logits_torch(reference)) < 1e-5
     assert (tmp_path / "merged" / "tokenizer.json").exists()
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
+def test_reversible_merge_and_unmerge(base):
+    """merge_adapters(keep_adapters=True) runs the merged dense weights (same logits); unmerge gives
+    back the NF4 base bit for bit and the separate adapter path."""
+    model = qlora_jax.from_pretrained(base, quantization=qlora_jax.QuantConfig(compute_dtype="float32"))
+    qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                     init_lora_weights=False))
+    before = np.asarray(model(jnp.asarray(IDS)))
+    q_before = model.layers.mlp.up_proj.base_layer.weight.get_value()
+    qlora_jax.merge_adapters(model, keep_adapters=True)
+    assert not isinstance(model.layers.mlp.up_proj.base_layer.weight.get_value(), qlora_jax.QuantizedArray)
+    assert _max_rel(np.asarray(model(jnp.asarray(IDS))), before) < 1e-5
+    with pytest.raises(ValueError, match="already merged"):
+        qlora_jax.merge_adapters(model, keep_adapters=True)
+    qlora_jax.unmerge_adapters(model)
+    q_after = model.layers.mlp.up_proj.base_layer.weight.get_value()
+    for a, b in zip(jax.tree.leaves(q_before), jax.tree.leaves(q_after), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(IDS))), before)
+    with pytest.raises(ValueError, match="no merged adapter to unmerge"):
+        qlora_jax.unmerge_adapters(model)

@@ -140,24 +140,53 @@ def set_adapter(model, adapter_name: str | None):
     return model
 
 
-def merge_adapters(model, adapter_name: str | None = None):
-    """Fold the active (or named) adapter into dense base weights and remove the adapters: the
-    base is dequantized to the model's dtype, never re-quantized (a re-quantized merge loses
-    quality, peft#2321). Changes ``model`` in place and returns it."""
+def _merged_weight(m: LoraLinear, name, dtype):
     from ..quant import QuantizedArray, dequantize
 
+    w = m.base_layer.weight.get_value()
+    w = dequantize(w, dtype) if isinstance(w, QuantizedArray) else w
+    if name is not None and name in m.lora:
+        ad = m.lora[name]
+        a, b = ad.lora_A[...].astype(jnp.float32), ad.lora_B[...].astype(jnp.float32)
+        delta = jnp.matmul(b, a) * ad.scaling
+        if ad.layer_mask is not None:
+            delta = delta * ad.layer_mask[...][:, None, None]
+        w = (w.astype(jnp.float32) + delta).astype(dtype)
+    return w
+
+
+def merge_adapters(model, adapter_name: str | None = None, *, keep_adapters: bool = False):
+    """Fold the active (or named) adapter into dense base weights: the base is dequantized to the
+    model's dtype, never re-quantized (a re-quantized merge loses quality, peft#2321). Changes
+    ``model`` in place and returns it.
+
+    ``keep_adapters=False`` (PEFT's ``merge_and_unload``) removes the adapters. ``True`` (PEFT's
+    ``merge_adapter``) keeps them, and the original base weight, so that ``unmerge_adapters``
+    restores the model exactly (PEFT's unmerge subtracts, which on a 4-bit base re-quantizes)."""
+    from ._layers import UnmergedWeight
+
     for path, m in lora_modules(model):
-        name = adapter_name or m.active_adapter
-        base = m.base_layer
-        w = base.weight.get_value()
-        w = dequantize(w, model.dtype) if isinstance(w, QuantizedArray) else w
-        if name is not None and name in m.lora:
-            ad = m.lora[name]
-            a, b = ad.lora_A[...].astype(jnp.float32), ad.lora_B[...].astype(jnp.float32)
-            delta = jnp.matmul(b, a) * ad.scaling
-            if ad.layer_mask is not None:
-                delta = delta * ad.layer_mask[...][:, None, None]
-            w = (w.astype(jnp.float32) + delta).astype(model.dtype)
-        base.weight = nnx.Param(w)
-        _set(model, path, base)
+        if m.unmerged_weight is not None:
+            raise ValueError(f"{path} is already merged; unmerge_adapters first")
+        merged = _merged_weight(m, adapter_name or m.active_adapter, model.dtype)
+        if keep_adapters:
+            m.unmerged_weight = UnmergedWeight(m.base_layer.weight.get_value())
+            m.base_layer.weight = nnx.Param(merged)
+        else:
+            m.base_layer.weight = nnx.Param(merged)
+            _set(model, path, m.base_layer)
+    return model
+
+
+def unmerge_adapters(model):
+    """Undo ``merge_adapters(..., keep_adapters=True)``: the original base weights come back as they
+    were (bit for bit) and the adapters run separately again."""
+    count = 0
+    for _, m in lora_modules(model):
+        if m.unmerged_weight is not None:
+            m.base_layer.weight = nnx.Param(m.unmerged_weight.get_value())
+            m.unmerged_weight = None
+            count += 1
+    if not count:
+        raise ValueError("no merged adapter to unmerge (merge_adapters(..., keep_adapters=True) merges reversibly)")
     return model

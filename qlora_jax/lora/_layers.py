@@ -16,6 +16,11 @@ class LoraLayerMask(nnx.Variable):
     """Per stacked layer, 1.0 where the adapter applies (target rules may select some layers)."""
 
 
+class UnmergedWeight(nnx.Variable):
+    """The base weight as it was before ``merge_adapters(..., keep_adapters=True)`` (often a
+    QuantizedArray), kept so that ``unmerge_adapters`` restores it exactly."""
+
+
 def _init_a(key, shape, in_features, r, init):
     if init == "gaussian":
         return jax.random.normal(key, shape, jnp.float32) / r
@@ -58,10 +63,11 @@ class LoraLinear(nnx.Module):
         self.base_layer = base_layer
         self.lora = nnx.Dict(adapters)
         self.active_adapter = active
+        self.unmerged_weight = nnx.data(None)  # set while an adapter is merged into base_layer
 
     def __call__(self, x):
         result = self.base_layer(x)
-        if self.active_adapter is None:
+        if self.active_adapter is None or self.unmerged_weight is not None:  # merged: the base has it
             return result
         delta = self.lora[self.active_adapter](x)
         wide = jnp.promote_types(result.dtype, delta.dtype)
