@@ -216,3 +216,24 @@ def test_fp16_dynamic_loss_scaling_skips_overflow_and_recovers(base):
     first_ok = skipped.index(False)
     assert not any(skipped[first_ok:first_ok + 3])
     assert scales[first_ok + 3] == 2 * scales[first_ok]  # three finite steps in a row: doubled
+
+
+def test_explicit_shardings(base):
+    """The step takes explicit shardings (here one device, replicated) and keeps its results there."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    model = qlora_jax.from_pretrained(base, quantization=qlora_jax.QuantConfig())
+    qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=4, target_modules="all-linear"))
+    split = split_model(model)
+    tx = make_optimizer(1e-3, num_training_steps=2)
+    opt_state = tx.init(split.trainable)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    rep = NamedSharding(mesh, PartitionSpec())
+    place = lambda tree: jax.tree.map(lambda _: rep, tree)  # noqa: E731
+    batch = _stack(_batches(1))
+    shardings = (place(split.trainable), place(split.rngs), place(split.frozen), place(opt_state), place(batch))
+    step = make_train_step(split.graphdef, tx, in_shardings=shardings,
+                           out_shardings=(shardings[0], shardings[1], shardings[3], None))
+    trainable, _, _, metrics = step(split.trainable, split.rngs, split.frozen, opt_state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(x.sharding == rep for x in jax.tree.leaves(trainable))

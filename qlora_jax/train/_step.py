@@ -112,8 +112,15 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rng
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate: bool = True,
-                    growth_interval: int = 2000):
+                    growth_interval: int = 2000, in_shardings=None, out_shardings=None):
     """``step(trainable, rngs, frozen, opt_state, batch) -> (trainable, rngs, opt_state, metrics)``,
-    jitted, with the adapters, RNG state and optimizer state donated."""
+    jitted, with the adapters, RNG state and optimizer state donated. ``in_shardings`` /
+    ``out_shardings`` (as ``jax.jit`` takes them, one entry per argument / result) place the step
+    on a mesh; None leaves placement to the inputs (one device)."""
     fn = functools.partial(train_step, graphdef, optimizer, growth_interval=growth_interval)
-    return jax.jit(fn, donate_argnums=(0, 1, 3) if donate else ())
+    kw = {}
+    if in_shardings is not None:
+        kw["in_shardings"] = in_shardings
+    if out_shardings is not None:
+        kw["out_shardings"] = out_shardings
+    return jax.jit(fn, donate_argnums=(0, 1, 3) if donate else (), **kw)
