@@ -80,3 +80,14 @@ def test_cli_train(setup, capsys):
     assert "done: 2 steps" in capsys.readouterr().out and (out / "adapter").exists()
     assert cli.main(["train", "training.learning_rte=1"]) == 2
     assert "unknown key training.learning_rte; did you mean training.learning_rate?" in capsys.readouterr().err
+
+
+def test_validation_split_and_periodic_eval(setup):
+    out = setup[2] / "eval"
+    train(_config(setup, out, "data.validation_split=0.25", "training.eval_steps=3", "lora.lora_dropout=0.0"),
+          log=lambda *_: None)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [3, 6]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert abs(evals[0]["eval_perplexity"] - np.exp(evals[0]["eval_loss"])) < 1e-3 * evals[0]["eval_perplexity"]

@@ -161,17 +161,18 @@ def batches_per_epoch(num_examples: int, batch_size: int, micro_batches: int) ->
 
 def iterate_batches(data: Tokenized, *, batch_size: int, micro_batches: int = 1, max_seq_length: int,
                     pad_token_id: int, seed: int = 0, start: DataPosition = DataPosition(),
-                    ) -> Iterator[tuple[DataPosition, dict]]:
+                    shuffle: bool = True) -> Iterator[tuple[DataPosition, dict]]:
     """Endless stream of (position after this batch, batch); each batch holds ``micro_batches`` x
     ``batch_size`` examples as arrays [micro_batches, batch_size, bucket]. Incomplete last batches
-    of an epoch are dropped; each epoch is a fresh permutation from ``seed``."""
+    of an epoch are dropped; each epoch is a fresh permutation from ``seed`` (``shuffle=False``:
+    the examples in order)."""
     n = len(data.input_ids)
     per_epoch = batches_per_epoch(n, batch_size, micro_batches)
     if per_epoch == 0:
         raise ValueError(f"{n} examples do not fill one batch of {micro_batches} x {batch_size}")
     epoch, b = start.epoch, start.batch
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         while b < per_epoch:
             idx = order[b * batch_size * micro_batches:(b + 1) * batch_size * micro_batches]
             length = bucket_length(max(len(data.input_ids[i]) for i in idx), max_seq_length)

@@ -8,21 +8,24 @@ per logged step), and ``adapter/`` (the final adapter in PEFT's format).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import time
 from pathlib import Path
-
-import jax.numpy as jnp
-import numpy as np
-
 from typing import TYPE_CHECKING
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from ..checkpoint import RunCheckpointer
-from ..data import DataPosition, Fields, batches_per_epoch, iterate_batches, load_records, tokenize
+from ..data import DataPosition, Fields, Tokenized, batches_per_epoch, iterate_batches, load_records, tokenize
 from ..lora import apply_lora, save_adapter
 from ..models import from_pretrained
+from ._loss import IGNORE_INDEX, causal_lm_loss_sum
 from ._optim import make_optimizer
 from ._step import init_opt_state, make_train_step, split_model, update_model
 
@@ -80,7 +83,14 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
 
     d = config.data
     fields = Fields(d.text_field, d.prompt_field, d.completion_field, d.messages_field)
-    data = tokenize(load_records(d.path), tokenizer, fmt=d.format, fields=fields, max_seq_length=d.max_seq_length,
+    records = load_records(d.path)
+    eval_data = None
+    if d.validation_split > 0:
+        parts_ = records.train_test_split(test_size=d.validation_split, seed=config.seed)
+        records = parts_["train"]
+        eval_data = tokenize(parts_["test"], tokenizer, fmt=d.format, fields=fields, max_seq_length=d.max_seq_length,
+                             completion_only_loss=d.completion_only_loss)
+    data = tokenize(records, tokenizer, fmt=d.format, fields=fields, max_seq_length=d.max_seq_length,
                     completion_only_loss=d.completion_only_loss)
     if data.num_truncated:
         log(f"{data.num_truncated} of {len(data.input_ids)} examples truncated to {d.max_seq_length} tokens")
@@ -107,6 +117,12 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
                              max_seq_length=d.max_seq_length, pad_token_id=tokenizer.pad_token_id, seed=config.seed,
                              start=position)
     train_step = make_train_step(parts.graphdef, tx)
+    eval_every = t.eval_steps or t.logging_steps
+
+    def evaluate() -> dict:
+        return evaluate_loss(parts.graphdef, trainable, rngs, parts.frozen, eval_data,
+                             batch_size=t.per_device_train_batch_size, max_seq_length=d.max_seq_length,
+                             pad_token_id=tokenizer.pad_token_id)
     metrics_file = (out / "metrics.jsonl").open("a")
     last_loss, tokens, t0 = float("nan"), 0, time.perf_counter()
     try:
@@ -127,6 +143,12 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
                 metrics_file.flush()
                 log(f"step {step}/{total_steps}  loss {loss:.4f}  grad_norm {record['grad_norm']:.3f}  "
                     f"{rate:,.0f} tokens/s")
+            if eval_data is not None and (step % eval_every == 0 or step == total_steps):
+                record = {"step": step, **evaluate()}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                log(f"step {step}/{total_steps}  eval_loss {record['eval_loss']:.4f}  "
+                    f"eval_perplexity {record['eval_perplexity']:.2f}")
             stopping = stop_after_steps is not None and step >= stop_after_steps
             if step % t.save_steps == 0 or step == total_steps or stopping:
                 checkpointer.save(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state},
@@ -140,3 +162,25 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     if step >= total_steps:
         save_adapter(model, out / "adapter")
     return {"step": step, "total_steps": total_steps, "loss": last_loss, "model": model}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(graphdef, trainable, rngs, frozen, batch):
+    model = nnx.merge(graphdef, trainable, rngs, frozen)
+    model.eval()  # dropout off
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return causal_lm_loss_sum(logits, batch["labels"], IGNORE_INDEX)
+
+
+def evaluate_loss(graphdef, trainable, rngs, frozen, data, *, batch_size: int, max_seq_length: int,
+                  pad_token_id: int) -> dict:
+    """Mean token loss and perplexity over every example of ``data`` (in order, no dropout)."""
+    total, count = 0.0, 0
+    for start in range(0, len(data.input_ids), batch_size):
+        chunk = Tokenized(data.input_ids[start:start + batch_size], data.labels[start:start + batch_size], 0)
+        _, batch = next(iterate_batches(chunk, batch_size=len(chunk.input_ids), max_seq_length=max_seq_length,
+                                        pad_token_id=pad_token_id, shuffle=False))
+        s, n = _eval_sums(graphdef, trainable, rngs, frozen, {k: jnp.asarray(v[0]) for k, v in batch.items()})
+        total, count = total + float(s), count + int(n)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
