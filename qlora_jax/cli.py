@@ -18,12 +18,32 @@ from . import quant
 from .models import iter_tensors, resolve_checkpoint, tensor_specs
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant-type", default="nf4", choices=quant.QUANT_TYPES, help="4-bit data type (default nf4)")
+def _add_quant_args(p: argparse.ArgumentParser, *, allow_none: bool = False) -> None:
+    choices = (*quant.QUANT_TYPES, "none") if allow_none else quant.QUANT_TYPES
+    p.add_argument("--quant-type", default="nf4", choices=choices,
+                   help="4-bit data type of the decoder linears" + (", or none for a dense base" if allow_none else "")
+                   + " (default nf4)")
     p.add_argument("--blocksize", type=int, default=64, choices=quant.BLOCKSIZES_4BIT,
                    help="elements per absmax block (default 64)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="keep the absmax values in fp32 instead of 8 bits")
+
+
+def _load_model(args, *, dtype: str, compute_dtype: str):
+    """The base from ``args.model`` quantized as ``args`` say, with ``args.adapter`` attached."""
+    import jax.numpy as jnp
+
+    from .lora import load_adapter
+    from .models import from_pretrained
+
+    ckpt = resolve_checkpoint(args.model, revision=args.revision)
+    quantization = None if args.quant_type == "none" else quant.QuantConfig(
+        quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
+        compute_dtype=compute_dtype)
+    model = from_pretrained(ckpt, quantization=quantization, dtype=getattr(jnp, dtype))
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    return ckpt, model
 
 
 def _config_line(ckpt) -> str:
@@ -76,21 +96,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import jax.numpy as jnp
     from transformers import AutoTokenizer
 
     from .generate import generate
-    from .models import from_pretrained
 
-    ckpt = resolve_checkpoint(args.model, revision=args.revision)
-    quantization = None if args.quant_type == "none" else quant.QuantConfig(
-        quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
-        compute_dtype=args.dtype)
-    model = from_pretrained(ckpt, quantization=quantization, dtype=getattr(jnp, args.dtype))
-    if args.adapter:
-        from .lora import load_adapter
-
-        load_adapter(model, args.adapter)
+    ckpt, model = _load_model(args, dtype=args.dtype, compute_dtype=args.dtype)
     tok = AutoTokenizer.from_pretrained(ckpt, padding_side="left")
     if tok.pad_token is None:  # as TRL: a missing pad token becomes the EOS token
         tok.pad_token = tok.eos_token
@@ -124,19 +134,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    import jax.numpy as jnp
+    from .lora import save_merged
 
-    from .lora import load_adapter, save_merged
-    from .models import from_pretrained
-
-    ckpt = resolve_checkpoint(args.model, revision=args.revision)
-    quantization = None if args.quant_type == "none" else quant.QuantConfig(
-        quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant, compute_dtype="float32")
-    model = from_pretrained(ckpt, quantization=quantization, dtype=jnp.float32)
-    load_adapter(model, args.adapter)
+    ckpt, model = _load_model(args, dtype="float32", compute_dtype="float32")
     report = save_merged(model, args.output, dtype=args.dtype, source=ckpt)
     print(f"merged {args.adapter} into {ckpt} (dequantized, not re-quantized) -> {args.output} ({args.dtype})")
-    if quantization is not None:
+    if args.quant_type != "none":
         print(f"a merge re-quantized to {args.quant_type} would have moved the merged weights by "
               f"{100 * report['requantized_drift']:.2f}% (relative RMS)")
     return 0
@@ -169,10 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                      help="activations and dense weights (and the quantized matmuls' compute dtype)")
-    gen.add_argument("--quant-type", default="nf4", choices=(*quant.QUANT_TYPES, "none"),
-                     help="4-bit data type of the decoder linears, or none (default nf4)")
-    gen.add_argument("--blocksize", type=int, default=64, choices=quant.BLOCKSIZES_4BIT)
-    gen.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    _add_quant_args(gen, allow_none=True)
     gen.add_argument("--revision", default=None, help="hub revision (with a hub id)")
     gen.set_defaults(func=cmd_generate)
 
@@ -193,10 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--adapter", required=True, help="the LoRA adapter directory (PEFT format)")
     mg.add_argument("--output", required=True, help="where to write the merged checkpoint")
     mg.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    mg.add_argument("--quant-type", default="nf4", choices=(*quant.QUANT_TYPES, "none"),
-                    help="how the base was quantized during training (none: a dense base)")
-    mg.add_argument("--blocksize", type=int, default=64, choices=quant.BLOCKSIZES_4BIT)
-    mg.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    _add_quant_args(mg, allow_none=True)  # as the base was quantized during training
     mg.add_argument("--revision", default=None)
     mg.set_defaults(func=cmd_merge)
     return parser
