@@ -78,6 +78,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     logging_steps: int = 10
     eval_steps: int | None = None
+    eval_exact_match: bool = False  # greedy-generate the validation completions before and after training
     save_steps: int = 500
     save_total_limit: int | None = None
 

@@ -70,24 +70,27 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     """
     from transformers import AutoTokenizer
 
+    from ..builtin import resolve
+
     out, resume = _prepare_output_dir(config)
     t = config.training
-    model = from_pretrained(config.model.name_or_path, quantization=config.quantization,
+    model_path = resolve(config.model.name_or_path)
+    model = from_pretrained(model_path, quantization=config.quantization,
                             dtype=getattr(jnp, config.model.dtype), scan_layers=config.model.scan_layers,
                             gradient_checkpointing=True if t.gradient_checkpointing else None,
                             revision=config.model.revision)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path, revision=config.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=config.model.revision)
     if tokenizer.pad_token is None:  # as TRL: a missing pad token becomes the EOS token
         tokenizer.pad_token = tokenizer.eos_token
     apply_lora(model, config.lora, seed=config.seed)
 
     d = config.data
     fields = Fields(d.text_field, d.prompt_field, d.completion_field, d.messages_field)
-    records = load_records(d.path)
-    eval_data = None
+    records = load_records(resolve(d.path))
+    eval_data = eval_records = None
     if d.validation_split > 0:
         parts_ = records.train_test_split(test_size=d.validation_split, seed=config.seed)
-        records = parts_["train"]
+        records, eval_records = parts_["train"], parts_["test"]
         eval_data = tokenize(parts_["test"], tokenizer, fmt=d.format, fields=fields, max_seq_length=d.max_seq_length,
                              completion_only_loss=d.completion_only_loss)
     data = tokenize(records, tokenizer, fmt=d.format, fields=fields, max_seq_length=d.max_seq_length,
@@ -123,6 +126,11 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
         return evaluate_loss(parts.graphdef, trainable, rngs, parts.frozen, eval_data,
                              batch_size=t.per_device_train_batch_size, max_seq_length=d.max_seq_length,
                              pad_token_id=tokenizer.pad_token_id)
+    summary = {}
+    if eval_data is not None and t.eval_exact_match and step == 0:
+        summary["before"] = {**evaluate(), **evaluate_exact_match(model, tokenizer, eval_records, d.format, fields)}
+        log(f"before training: eval_loss {summary['before']['eval_loss']:.4f}, exact match "
+            f"{100 * summary['before']['exact_match']:.1f}% on {summary['before']['num_eval_prompts']} held-out prompts")
     metrics_file = (out / "metrics.jsonl").open("a")
     last_loss, tokens, t0 = float("nan"), 0, time.perf_counter()
     try:
@@ -161,7 +169,37 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     update_model(model, trainable, rngs)
     if step >= total_steps:
         save_adapter(model, out / "adapter")
-    return {"step": step, "total_steps": total_steps, "loss": last_loss, "model": model}
+        if eval_data is not None and t.eval_exact_match:
+            summary["after"] = {**evaluate(), **evaluate_exact_match(model, tokenizer, eval_records, d.format, fields)}
+            log(f"after training:  eval_loss {summary['after']['eval_loss']:.4f}, exact match "
+                f"{100 * summary['after']['exact_match']:.1f}% on {summary['after']['num_eval_prompts']} held-out "
+                "prompts")
+            (out / "eval_summary.json").write_text(json.dumps(summary, indent=2))
+    return {"step": step, "total_steps": total_steps, "loss": last_loss, "model": model, **summary}
+
+
+def evaluate_exact_match(model, tokenizer, records, fmt, fields, max_examples: int = 128) -> dict:
+    """Greedy-generate each held-out prompt's completion; the share reproduced exactly (whitespace
+    trimmed). The model must hold the current adapters (``update_model``)."""
+    from ..data import detect_format, render
+    from ..generate import generate
+
+    rows = [dict(r) for r in records.select(range(min(len(records), max_examples)))]
+    fmt = detect_format(rows[0].keys(), fields) if fmt == "auto" else fmt
+    pairs = [render(r, fmt, fields, tokenizer) for r in rows]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer([p for p, _ in pairs], return_tensors="np", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in pairs) + 1
+    out = np.asarray(generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=longest,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    start = batch["input_ids"].shape[1]
+    hits = [tokenizer.decode(row[start:], skip_special_tokens=True).strip() == c.strip()
+            for row, (_, c) in zip(out, pairs)]
+    return {"exact_match": float(np.mean(hits)), "num_eval_prompts": len(hits)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
