@@ -150,12 +150,11 @@ def _coerce(key: str, value, tp):
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own, precise error
             return _coerce(key, value, options[0])
-        errors = []
         for option in options:
             try:
                 return _coerce(key, value, option)
-            except ValueError as e:
-                errors.append(str(e))
+            except ValueError:
+                continue
         raise ValueError(f"{key}: expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value not in args:

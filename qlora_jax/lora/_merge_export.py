@@ -22,8 +22,8 @@ from safetensors.numpy import save_file
 
 from ..models._checkpoint import resolve_checkpoint
 from ..models._loading import _hf_key
-from ..quant import dequantize, quantize
-from ._inject import lora_modules, merge_adapters
+from ..quant import QuantizedArray, dequantize, quantize
+from ._inject import _merged_weight, lora_modules, merge_adapters
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
            "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -35,16 +35,13 @@ def _requantized_drift(model, adapter_name) -> float:
     num = den = 0.0
     for _, m in lora_modules(model):
         w = m.base_layer.weight.get_value()
-        if not hasattr(w, "quant_type"):
+        if not isinstance(w, QuantizedArray):
             continue
-        merged = dequantize(w, jnp.float32)
-        ad = m.lora[adapter_name or m.active_adapter]
-        delta = jnp.matmul(ad.lora_B[...], ad.lora_A[...]) * ad.scaling
-        if ad.layer_mask is not None:
-            delta = delta * ad.layer_mask[...][:, None, None]
-        merged = merged + delta
+        merged = _merged_weight(m, adapter_name or m.active_adapter, jnp.float32)
         back = dequantize(quantize(merged, quant_type=w.quant_type, blocksize=w.blocksize,
-                                   double_quant=w.double_quant, batch_dims=len(w.batch_shape)), jnp.float32)
+                                   double_quant=w.double_quant,
+                                   double_quant_blocksize=w.nested_blocksize or 256,
+                                   batch_dims=len(w.batch_shape)), jnp.float32)
         num += float(jnp.sum((back - merged) ** 2))
         den += float(jnp.sum(merged ** 2))
     return math.sqrt(num / den) if den else 0.0
@@ -67,7 +64,7 @@ def save_merged(model, output_dir: str | os.PathLike, *, dtype: str = "bfloat16"
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key, layer = _hf_key(path)
         value = var.get_value()
-        if hasattr(value, "quant_type"):  # a quantized linear no adapter touched
+        if isinstance(value, QuantizedArray):  # a quantized linear no adapter touched
             value = dequantize(value, jnp.float32)
         array = np.asarray(jnp.asarray(value, jnp.float32)).astype(_NUMPY[dtype])
         if layer == -1:
