@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from qlora_jax.data import (DataPosition, Fields, detect_format, iterate_batches, load_records, render,
-                            tokenize)
+from qlora_jax.data import (DataPosition, Fields, Tokenized, detect_format, epoch_order, iterate_batches,
+                            load_records, pack, render, tokenize)
 from qlora_jax.models import write_tiny_tokenizer
 from qlora_jax.train import IGNORE_INDEX
 
@@ -85,3 +85,61 @@ def test_bad_datasets(tok, tmp_path):
     data = tokenize(load_records(_jsonl(tmp_path / "s.jsonl", [{"text": "a"}])), tok, max_seq_length=8)
     with pytest.raises(ValueError, match="1 examples do not fill one batch of 1 x 4"):
         next(iterate_batches(data, batch_size=4, max_seq_length=8, pad_token_id=3))
+
+
+def _toy(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(5, 200, n).astype(np.int32) for n in lengths]
+    labels = [np.where(rng.random(n) < 0.3, IGNORE_INDEX, x).astype(np.int32) for n, x in zip(lengths, ids)]
+    return Tokenized(ids, labels, 0)
+
+
+def test_packing_is_best_fit_decreasing_and_keeps_every_example_whole():
+    lengths = [50, 40, 30, 20, 64, 10, 9, 3, 60, 1]
+    data = _toy(lengths)
+    packed = pack(data, 64)
+    # best fit decreasing by hand: 64 | 60+3+1 | 50+10 | 40+20 | 30+9
+    assert sorted(len(r) for r in packed.input_ids) == [39, 60, 60, 64, 64]
+    assert len(packed.input_ids) == 5 and all(len(r) <= 64 for r in packed.input_ids)
+    seen = []
+    for ids, labels, seg in zip(packed.input_ids, packed.labels, packed.segment_ids):
+        assert len(ids) == len(labels) == len(seg)
+        assert (np.diff(seg) >= 0).all() and seg[0] == 1  # contiguous segments 1..k
+        for k in range(1, seg.max() + 1):
+            part = ids[seg == k]
+            match = [i for i, x in enumerate(data.input_ids) if len(x) == len(part) and (x == part).all()]
+            assert len(match) == 1
+            i = match[0]
+            seen.append(i)
+            expect = data.labels[i].copy()
+            expect[0] = IGNORE_INDEX  # no example learns to predict across a boundary
+            assert (labels[seg == k] == expect).all()
+    assert sorted(seen) == list(range(len(lengths)))
+    assert [len(r) for r in pack(data, 64).input_ids] == [len(r) for r in packed.input_ids]  # deterministic
+    with pytest.raises(ValueError, match="an example has 64 tokens, more than max_seq_length=32"):
+        pack(data, 32)
+
+
+def test_packed_batches_carry_segment_ids_in_the_attention_mask():
+    packed = pack(_toy([30, 20, 10, 5]), 64)
+    _, batch = next(iterate_batches(packed, batch_size=2, max_seq_length=64, pad_token_id=0, shuffle=False))
+    mask = batch["attention_mask"][0]
+    for row, seg in zip(mask, packed.segment_ids):
+        assert (row[:len(seg)] == seg).all() and (row[len(seg):] == 0).all()
+    assert mask.max() == 3  # 30 + 20 + 10 in the first row, 5 alone in the second
+
+
+@pytest.mark.parametrize("n,group", [(1000, 4), (16, 4), (37, 3)])
+def test_group_by_length_matches_transformers_length_grouped_sampler(monkeypatch, n, group):
+    import torch
+    from transformers import trainer_pt_utils
+
+    lengths = [int(x) for x in np.random.default_rng(n).integers(1, 50, n)]  # many ties: order must match too
+    base = np.random.default_rng([1, 0]).permutation(n)
+    # transformers draws its permutation with torch; hand it ours, the rest must agree exactly
+    monkeypatch.setattr(trainer_pt_utils.torch, "randperm", lambda k, generator=None: torch.as_tensor(base))
+    expect = trainer_pt_utils.get_length_grouped_indices(lengths, group)
+    order = epoch_order(lengths, seed=1, epoch=0, group_size=group, group_by_length=True)
+    assert order.tolist() == expect
+    assert lengths[order[0]] == max(lengths)
+    assert (epoch_order(lengths, seed=1, epoch=0, group_size=group) == base).all()

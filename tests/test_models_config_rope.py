@@ -77,3 +77,17 @@ def test_apply_rope_matches_transformers():
     np.testing.assert_allclose(np.asarray(cos), cos_t.numpy(), rtol=1e-6, atol=1e-6)
     ours_q = apply_rope(jnp.asarray(q.numpy()).transpose(0, 2, 1, 3), cos, sin)  # ours: [batch, seq, heads, dim]
     np.testing.assert_allclose(np.asarray(ours_q).transpose(0, 2, 1, 3), q_t.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_positions_from_padding_masks_and_packed_segment_ids():
+    from qlora_jax.models._decoder import position_ids_from_mask
+
+    masks = np.array([[0, 0, 1, 1, 1, 1],    # left padding: transformers' cumsum(mask) - 1 on the tokens
+                      [1, 1, 1, 1, 0, 0],    # right padding
+                      [1, 0, 1, 1, 0, 1],    # holes in a 0/1 mask: one sequence, as cumsum
+                      [1, 1, 2, 2, 2, 0],    # packed: positions restart per segment
+                      [1, 2, 3, 3, 0, 0]])
+    pos = np.asarray(position_ids_from_mask(masks))
+    ref = np.cumsum(masks[:3], axis=1) - 1
+    assert (pos[:3][masks[:3] > 0] == ref[masks[:3] > 0]).all()
+    assert pos[3].tolist()[:5] == [0, 1, 0, 1, 2] and pos[4].tolist()[:4] == [0, 0, 0, 1]

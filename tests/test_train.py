@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import qlora_jax
 from qlora_jax.models import write_tiny_checkpoint
@@ -237,3 +238,54 @@ def test_explicit_shardings(base):
     trainable, _, _, metrics = step(split.trainable, split.rngs, split.frozen, opt_state, batch)
     assert np.isfinite(float(metrics["loss"]))
     assert all(x.sharding == rep for x in jax.tree.leaves(trainable))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_packed_examples_never_see_each_other(tmp_path, model_type):
+    """Examples packed into one row (segment ids in the attention mask, as ``qlora_jax.data.pack``
+    makes them) get the logits, loss and adapter gradient they get alone: no attention across a
+    boundary, positions restarting per example (trl#1230's contamination). Mistral: with a sliding
+    window shorter than the row."""
+    from qlora_jax.data import Tokenized, iterate_batches, pack
+    from qlora_jax.lora import LoraParam
+    from qlora_jax.train import causal_lm_loss_sum
+
+    extra = {"sliding_window": 12} if model_type == "mistral" else {}
+    path = write_tiny_checkpoint(tmp_path / "base", model_type, num_hidden_layers=2, **extra)
+    model = qlora_jax.from_pretrained(path, quantization=qlora_jax.QuantConfig(compute_dtype="float32"))
+    qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                         seed=0)
+    rng = np.random.default_rng(0)
+    lengths = [23, 17, 9, 14, 5]
+    ids = [rng.integers(3, VOCAB, n).astype(np.int32) for n in lengths]
+    labels = [np.where(rng.random(n) < 0.3, IGNORE_INDEX, x).astype(np.int32) for n, x in zip(lengths, ids)]
+    packed = pack(Tokenized(ids, labels, 0), 64)
+    assert len(packed.input_ids) == 2  # 23+17+14+9 in one row, 5 in another: really packed
+    _, batch = next(iterate_batches(packed, batch_size=2, max_seq_length=64, pad_token_id=3, shuffle=False))
+    batch = {k: jnp.asarray(v[0]) for k, v in batch.items()}
+
+    @nnx.jit
+    def loss_and_grad(m, b):
+        def f(m):
+            logits = m(b["input_ids"], b["attention_mask"])
+            return causal_lm_loss_sum(logits, b["labels"])[0], logits
+        (loss, logits), grad = nnx.value_and_grad(f, argnums=nnx.DiffState(0, LoraParam), has_aux=True)(m)
+        return loss, logits, grad
+
+    loss, logits, grad = loss_and_grad(model, batch)
+    total, grads = 0.0, None
+    for row, seg in enumerate(packed.segment_ids):
+        for k in range(1, int(seg.max()) + 1):
+            where = np.flatnonzero(seg == k)
+            alone = {"input_ids": batch["input_ids"][row:row + 1, where],
+                     "attention_mask": jnp.ones((1, len(where)), jnp.int32),
+                     "labels": batch["labels"][row:row + 1, where]}
+            l1, lg1, g1 = loss_and_grad(model, alone)
+            np.testing.assert_allclose(np.asarray(logits[row, where]), np.asarray(lg1[0]), rtol=1e-5, atol=1e-5)
+            total += float(l1)
+            grads = g1 if grads is None else jax.tree.map(jnp.add, grads, g1)
+    np.testing.assert_allclose(float(loss), total, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grads)):
+        # fp32 sums in another order (one batch vs five): a few ulps of the tensor's scale apart
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()

@@ -9,10 +9,18 @@ Batches have fixed shapes: rows are right-padded to a bucket length (a multiple 
 ``max_seq_length``), so a run compiles a handful of programs, not one per batch. The order is a
 seeded permutation per epoch; ``DataPosition`` (epoch, batches consumed) is all a checkpoint
 needs to resume the exact stream.
+
+Packing (``pack``) puts several examples into one row of ``max_seq_length`` tokens, best-fit
+decreasing as TRL's ``packing_strategy="bfd"``: examples are never split, and the row's
+attention mask holds segment ids (1, 2, ... per example, 0 for padding), so the model keeps
+examples from attending to each other and restarts positions per example (no cross-example
+contamination, the bug trl#1230 had). ``group_by_length`` orders each epoch as transformers'
+``LengthGroupedSampler``: shuffled, then sorted by length within mega-batches of 50 batches.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -21,8 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..train import IGNORE_INDEX
 
+IGNORE_INDEX = -100  # the label of tokens without loss, as transformers / PyTorch cross-entropy
 FORMATS = ("text", "prompt_completion", "messages", "alpaca")
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -111,9 +119,12 @@ def render(record: dict, fmt: str, fields: Fields, tokenizer) -> tuple[str, str]
 
 @dataclasses.dataclass
 class Tokenized:
+    """Per row: token ids, loss labels and, for packed rows, segment ids (1..k per example)."""
+
     input_ids: list[np.ndarray]
     labels: list[np.ndarray]
     num_truncated: int
+    segment_ids: list[np.ndarray] | None = None
 
 
 def tokenize(records, tokenizer, *, fmt: str = "auto", fields: Fields = Fields(), max_seq_length: int = 1024,
@@ -143,6 +154,45 @@ def tokenize(records, tokenizer, *, fmt: str = "auto", fields: Fields = Fields()
     return Tokenized(ids_out, labels_out, truncated)
 
 
+def pack(data: Tokenized, max_seq_length: int) -> Tokenized:
+    """Examples packed into rows of at most ``max_seq_length`` tokens, best-fit decreasing (longest
+    first, each into the fullest row that still has room), deterministic. Each example keeps its
+    tokens and labels, except that its first token's label is ignored: in a row, the previous
+    token belongs to another example and must not be trained to predict it (unpacked, the first
+    label is never used either). Rows carry segment ids for the model's attention mask."""
+    if data.segment_ids is not None:
+        raise ValueError("data is already packed")
+    lengths = [len(x) for x in data.input_ids]
+    if max(lengths) > max_seq_length:
+        raise ValueError(f"an example has {max(lengths)} tokens, more than max_seq_length={max_seq_length}; "
+                         "truncate first (tokenize does)")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[tuple[int, int]] = []  # (room left, row) sorted: bisect finds the fullest row that fits
+    rows: list[list[int]] = []
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([i])
+            room, row = max_seq_length - lengths[i], len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= lengths[i]
+        if room > 0:
+            bisect.insort(free, (room, row))
+    ids, labels, segments = [], [], []
+    for members in rows:
+        ids.append(np.concatenate([data.input_ids[i] for i in members]))
+        row_labels = []
+        for i in members:
+            lab = data.labels[i].copy()
+            lab[0] = IGNORE_INDEX
+            row_labels.append(lab)
+        labels.append(np.concatenate(row_labels))
+        segments.append(np.concatenate([np.full(lengths[i], k + 1, np.int32) for k, i in enumerate(members)]))
+    return Tokenized(ids, labels, data.num_truncated, segments)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
     """Where the stream is: the epoch and the number of batches already consumed in it."""
@@ -159,20 +209,41 @@ def batches_per_epoch(num_examples: int, batch_size: int, micro_batches: int) ->
     return num_examples // (batch_size * micro_batches)
 
 
+def epoch_order(lengths: list[int], *, seed: int, epoch: int, group_size: int, shuffle: bool = True,
+                group_by_length: bool = False) -> np.ndarray:
+    """The order of the examples in ``epoch``: a permutation seeded by (seed, epoch); with
+    ``group_by_length``, as transformers' ``get_length_grouped_indices``: each mega-batch of
+    ``min(n // (4 * group_size), 50) * group_size`` examples (at least one group) sorted longest first, and the longest example of all moved to the
+    front (an out-of-memory shows at the first step, not hours in)."""
+    n = len(lengths)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if not group_by_length:
+        return order
+    size = max(min(n // (group_size * 4), 50), 1) * group_size
+    groups = [sorted(order[i:i + size].tolist(), key=lambda j: -lengths[j]) for i in range(0, n, size)]
+    heads = [lengths[g[0]] for g in groups]
+    top = int(np.argmax(heads))
+    groups[0][0], groups[top][0] = groups[top][0], groups[0][0]
+    return np.asarray([j for g in groups for j in g])
+
+
 def iterate_batches(data: Tokenized, *, batch_size: int, micro_batches: int = 1, max_seq_length: int,
                     pad_token_id: int, seed: int = 0, start: DataPosition = DataPosition(),
-                    shuffle: bool = True) -> Iterator[tuple[DataPosition, dict]]:
+                    shuffle: bool = True, group_by_length: bool = False) -> Iterator[tuple[DataPosition, dict]]:
     """Endless stream of (position after this batch, batch); each batch holds ``micro_batches`` x
-    ``batch_size`` examples as arrays [micro_batches, batch_size, bucket]. Incomplete last batches
+    ``batch_size`` rows as arrays [micro_batches, batch_size, bucket]. Incomplete last batches
     of an epoch are dropped; each epoch is a fresh permutation from ``seed`` (``shuffle=False``:
-    the examples in order)."""
+    the rows in order; ``group_by_length``: see ``epoch_order``). Packed rows (``pack``) put their
+    segment ids in ``attention_mask``."""
     n = len(data.input_ids)
     per_epoch = batches_per_epoch(n, batch_size, micro_batches)
     if per_epoch == 0:
         raise ValueError(f"{n} examples do not fill one batch of {micro_batches} x {batch_size}")
     epoch, b = start.epoch, start.batch
+    lengths = [len(x) for x in data.input_ids]
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        order = epoch_order(lengths, seed=seed, epoch=epoch, group_size=batch_size * micro_batches,
+                            shuffle=shuffle, group_by_length=group_by_length)
         while b < per_epoch:
             idx = order[b * batch_size * micro_batches:(b + 1) * batch_size * micro_batches]
             length = bucket_length(max(len(data.input_ids[i]) for i in idx), max_seq_length)
@@ -181,7 +252,8 @@ def iterate_batches(data: Tokenized, *, batch_size: int, micro_batches: int = 1,
             mask = np.zeros((len(idx), length), np.int32)
             for row, i in enumerate(idx):
                 k = len(data.input_ids[i])
-                ids[row, :k], labels[row, :k], mask[row, :k] = data.input_ids[i], data.labels[i], 1
+                ids[row, :k], labels[row, :k] = data.input_ids[i], data.labels[i]
+                mask[row, :k] = 1 if data.segment_ids is None else data.segment_ids[i]
             shape = (micro_batches, batch_size, length)
             b += 1
             yield DataPosition(epoch, b), {"input_ids": ids.reshape(shape), "attention_mask": mask.reshape(shape),

@@ -32,24 +32,45 @@ def _policy(gradient_checkpointing):
 
 
 def position_ids_from_mask(attention_mask_BxS):
-    """Positions counted over the real tokens (left padding gets 0), as transformers' generate."""
-    return jnp.maximum(jnp.cumsum(attention_mask_BxS.astype(jnp.int32), axis=-1) - 1, 0)
+    """Positions from a mask of 0 (padding) / 1 (tokens), or of segment ids (0 = padding, 1..k =
+    examples packed into one row): each token's index among the earlier tokens of its own segment,
+    so positions restart with every packed example. Padding gets 0 or its run's index; a 0/1 mask
+    gives ``cumsum(mask) - 1`` on its tokens, as transformers. O(S): no [S, S] comparison."""
+    seg = jnp.asarray(attention_mask_BxS).astype(jnp.int32)
+    b, s = seg.shape
+    real = seg > 0
+    count = jnp.cumsum(real.astype(jnp.int32), axis=-1)  # tokens so far, inclusive
+    idx = jnp.broadcast_to(jnp.arange(s), (b, s))
+    # the segment of the last token before t (0 if none): a segment starts where it changes
+    last = jax.lax.cummax(jnp.where(real, idx, -1), axis=1)
+    prev_last = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), last[:, :-1]], axis=1)
+    prev_seg = jnp.where(prev_last >= 0, jnp.take_along_axis(seg, jnp.maximum(prev_last, 0), axis=1), 0)
+    starts = real & (seg != prev_seg)
+    base = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)  # tokens before the segment began
+    return jnp.maximum(count - 1 - base, 0)
 
 
 def attention_bias(kv_mask_BxT, q_index_S, window, dtype):
     """Additive mask [B, S, T]: 0 where query i (at cache index ``q_index[i]``) may attend key t
-    (t <= that index, key not padding, within the sliding window when ``window`` > 0), the
-    dtype's minimum elsewhere, as transformers."""
+    (t <= that index, key not padding, within the sliding window when ``window`` > 0, and, for a
+    mask of segment ids from packing, key in the query's own segment), the dtype's minimum
+    elsewhere, as transformers. A 0/1 mask is one segment: the usual padding mask."""
     t = kv_mask_BxT.shape[-1]
     q_pos = q_index_S[:, None]
     k_pos = jnp.arange(t)[None, :]
     allowed = (k_pos <= q_pos) & jnp.where(window > 0, q_pos - k_pos < window, True)
-    allowed = allowed[None] & (kv_mask_BxT[:, None, :] > 0)
+    q_seg = jnp.take(kv_mask_BxT, q_index_S, axis=1)  # [B, S]
+    same = (kv_mask_BxT[:, None, :] == q_seg[:, :, None]) | (q_seg[:, :, None] <= 0)  # padding queries: as before
+    allowed = allowed[None] & (kv_mask_BxT[:, None, :] > 0) & same
     return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
 class CausalLM(nnx.Module):
-    """``model(input_ids, attention_mask=None, position_ids=None) -> logits [B, S, vocab]``."""
+    """``model(input_ids, attention_mask=None, position_ids=None) -> logits [B, S, vocab]``.
+
+    ``attention_mask`` is 0/1 (padding) as in transformers, or segment ids (0 = padding, 1..k) for
+    packed rows: tokens attend only within their own segment and positions restart per segment.
+    """
 
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, scan_layers: bool = True,
                  gradient_checkpointing=None, kernel: str = "auto", compute_dtype=None):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from ..data._sft import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "causal_lm_loss_sum"]
 
 
 def causal_lm_loss_sum(logits_BxSxV, labels_BxS, ignore_index: int = IGNORE_INDEX):
