@@ -23,7 +23,8 @@ from .lora import LoraConfig
 from .quant import QuantConfig
 from .train import SCHEDULES
 
-OPTIMIZERS = ("adamw",)  # paged_adamw_32bit / paged_adamw_8bit / adamw_8bit arrive with the paged optimizer
+OPTIMIZERS = ("adamw",)
+REPORTERS = ("tensorboard",)  # training.report_to: where metrics go besides metrics.jsonl  # paged_adamw_32bit / paged_adamw_8bit / adamw_8bit arrive with the paged optimizer
 
 
 def _positive(section: str, **values):
@@ -76,18 +77,31 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     gradient_checkpointing: bool = True
+    group_by_length: bool = False
     logging_steps: int = 10
     eval_steps: int | None = None
     eval_exact_match: bool = False  # greedy-generate the validation completions before and after training
     save_steps: int = 500
     save_total_limit: int | None = None
+    report_to: tuple[str, ...] = ("tensorboard",)  # event files under <output_dir>/runs; [] for none
+    disable_tqdm: bool = False
+    plot_loss: bool = True  # <output_dir>/loss_curve.png at the end
+    early_stopping_patience: int | None = None  # evaluations without improvement of eval_loss before stopping
+    early_stopping_threshold: float = 0.0  # the improvement that counts, as transformers' EarlyStoppingCallback
 
     def __post_init__(self):
         _positive("training", per_device_train_batch_size=self.per_device_train_batch_size,
                   gradient_accumulation_steps=self.gradient_accumulation_steps, learning_rate=self.learning_rate,
                   num_train_epochs=self.num_train_epochs, adam_epsilon=self.adam_epsilon,
                   logging_steps=self.logging_steps, eval_steps=self.eval_steps, save_steps=self.save_steps,
-                  save_total_limit=self.save_total_limit)
+                  save_total_limit=self.save_total_limit, early_stopping_patience=self.early_stopping_patience)
+        for name in self.report_to:
+            if name not in REPORTERS:
+                raise ValueError(f"training.report_to: {name!r} is not supported; expected a list of {REPORTERS} "
+                                 "(or [] for none)")
+        if self.early_stopping_threshold < 0:
+            raise ValueError(f"training.early_stopping_threshold={self.early_stopping_threshold!r} must not be "
+                             "negative")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"training.max_steps={self.max_steps!r} must be positive, or -1 (use num_train_epochs)")
         if self.lr_scheduler_type not in SCHEDULES:
@@ -128,6 +142,10 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        if self.training.early_stopping_patience and not self.data.validation_split:
+            raise ValueError("training.early_stopping_patience needs evaluations: set data.validation_split > 0")
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -105,3 +105,88 @@ def test_demo_learns_the_task(tmp_path, monkeypatch):
     assert after["eval_loss"] <= 0.5 * before["eval_loss"]
     assert after["exact_match"] >= before["exact_match"] + 0.5
     assert (tmp_path / "demo" / "eval_summary.json").exists() and (tmp_path / "demo" / "adapter").exists()
+
+
+def _events(run_dir):
+    """(tag, step, value) of every scalar in a TensorBoard event directory (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for f in sorted(run_dir.glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def test_progress_bar_tensorboard_and_loss_curve(setup, capsys):
+    out = setup[2] / "logging"
+    train(_config(setup, out, "data.validation_split=0.25", "training.eval_steps=3", "training.logging_steps=2"))
+    err = capsys.readouterr()
+    assert "train: 100%" in err.err and "6/6" in err.err and "loss=" in err.err and "lr=" in err.err
+    assert "tok_s=" in err.err and "<00:00" in err.err  # tqdm's elapsed<remaining (ETA)
+    assert "step 6/6  loss" in err.out  # messages printed above the bar
+    scalars = _events(out / "runs")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for tag, key in [("train/loss", "loss"), ("train/learning_rate", "learning_rate"), ("eval/loss", "eval_loss"),
+                     ("train/grad_norm", "grad_norm"), ("eval/perplexity", "eval_perplexity")]:
+        logged = [(x["step"], x[key]) for x in lines if key in x]
+        assert [(s, pytest.approx(v, rel=1e-6)) for t, s, v in scalars if t == tag] == logged and logged
+    # the rate each logged step used: warmup 1/2 at step 2, then linear decay over steps 3..6
+    assert [x["learning_rate"] for x in lines if "learning_rate" in x] == pytest.approx([1.5e-3, 2.25e-3, 0.75e-3])
+    png = (out / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_early_stopping(setup):
+    """transformers' EarlyStoppingCallback rule: with a threshold no evaluation can beat, patience 2
+    stops after the third evaluation; the adapter is written, and running again trains no more."""
+    out = setup[2] / "early"
+    cfg = _config(setup, out, "data.validation_split=0.25", "training.eval_steps=1",
+                  "training.early_stopping_patience=2", "training.early_stopping_threshold=100", "training.max_steps=8")
+    messages = []
+    result = train(cfg, log=messages.append)
+    assert result["step"] == 3 and result["best_step"] == 1 and (out / "adapter").exists()
+    assert any("early stopping at step 3" in m for m in messages)
+    again = train(cfg, log=lambda *_: None)
+    assert again["step"] == 3
+    with pytest.raises(ValueError, match="early_stopping_patience needs evaluations"):
+        _config(setup, out, "training.early_stopping_patience=2")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
+    """A loss that becomes NaN at step 5 (the step is made to return NaN): the run stops with a
+    message naming the step and the last good checkpoint (4), saves nothing of step 5, writes no
+    adapter; once the cause is gone the run resumes from step 4 and finishes."""
+    import jax.numpy as jnp
+
+    from qlora_jax.train import _trainer
+
+    real = _trainer.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step_fn, calls = real(*args, **kwargs), [0]
+
+        def wrapped(*a):
+            trainable, rngs, opt_state, m = step_fn(*a)
+            calls[0] += 1
+            if calls[0] == 5:
+                m = {**m, "loss": jnp.float32(float("nan"))}
+            return trainable, rngs, opt_state, m
+        return wrapped
+
+    out = setup[2] / "nan"
+    monkeypatch.setattr(_trainer, "make_train_step", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 5.*last good checkpoint is step 4"):
+        train(_config(setup, out), log=lambda *_: None)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert not (out / "adapter").exists()
+    monkeypatch.setattr(_trainer, "make_train_step", real)
+    messages = []
+    assert train(_config(setup, out), log=messages.append)["step"] == 6
+    assert any("resumed from step 4" in m for m in messages)

@@ -3,7 +3,8 @@ Orbax checkpoints (exact resume) -> a PEFT adapter.
 
 Layout under ``output_dir``: ``run_config.json`` (the resolved config), ``checkpoints/<step>/``
 (Orbax: adapters, optimizer state, RNG state, step, data position), ``metrics.jsonl`` (one line
-per logged step), and ``adapter/`` (the final adapter in PEFT's format).
+per logged step), ``runs/`` (TensorBoard events), ``loss_curve.png``, and ``adapter/`` (the final
+adapter in PEFT's format).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from ..checkpoint import RunCheckpointer
-from ..data import DataPosition, Fields, Tokenized, batches_per_epoch, iterate_batches, load_records, tokenize
+from ..data import (DataPosition, Fields, Tokenized, batches_per_epoch, iterate_batches, load_records, pack,
+                    tokenize)
 from ..lora import apply_lora, save_adapter
 from ..models import from_pretrained
 from ._loss import IGNORE_INDEX, causal_lm_loss_sum
-from ._optim import make_optimizer
+from ._optim import make_optimizer, make_schedule, warmup_steps_for
 from ._step import init_opt_state, make_train_step, split_model, update_model
 
 if TYPE_CHECKING:  # qlora_jax.config imports this package (its schedules): no import cycle at run time
@@ -62,17 +65,19 @@ def _prepare_output_dir(config: RunConfig) -> tuple[Path, bool]:
     return out, has_checkpoints
 
 
-def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) -> dict:
+def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -> dict:
     """Run (or resume) a QLoRA fine-tuning described by ``config``; returns final metrics.
 
     ``stop_after_steps`` ends this process's run early (after saving), as a preemption would:
-    the next call resumes where it stopped.
+    the next call resumes where it stopped. ``log`` receives each message (default: printed
+    above the progress bar).
     """
     from transformers import AutoTokenizer
 
     from ..builtin import resolve
 
     out, resume = _prepare_output_dir(config)
+    say = log if log is not None else print
     t = config.training
     model_path = resolve(config.model.name_or_path)
     model = from_pretrained(model_path, quantization=config.quantization,
@@ -96,7 +101,13 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     data = tokenize(records, tokenizer, fmt=d.format, fields=fields, max_seq_length=d.max_seq_length,
                     completion_only_loss=d.completion_only_loss)
     if data.num_truncated:
-        log(f"{data.num_truncated} of {len(data.input_ids)} examples truncated to {d.max_seq_length} tokens")
+        say(f"{data.num_truncated} of {len(data.input_ids)} examples truncated to {d.max_seq_length} tokens")
+    if d.packing:
+        n_examples = len(data.input_ids)
+        data = pack(data, d.max_seq_length)
+        fill = sum(len(r) for r in data.input_ids) / (len(data.input_ids) * d.max_seq_length)
+        say(f"packed {n_examples} examples into {len(data.input_ids)} rows of {d.max_seq_length} tokens "
+            f"({100 * fill:.1f}% filled)")
     per_epoch = batches_per_epoch(len(data.input_ids), t.per_device_train_batch_size, t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * per_epoch))
 
@@ -109,16 +120,17 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     trainable, rngs = parts.trainable, parts.rngs
     opt_state = init_opt_state(tx, trainable, loss_scaling=fp16)
     checkpointer = RunCheckpointer(out / "checkpoints", max_to_keep=t.save_total_limit)
-    step, position = 0, DataPosition()
+    step, position, meta = 0, DataPosition(), {}
     if resume and checkpointer.latest_step() is not None:
         step = checkpointer.latest_step()
         restored, meta = checkpointer.restore(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state})
         trainable, rngs, opt_state = restored["trainable"], restored["rngs"], restored["opt_state"]
         position = DataPosition(meta["epoch"], meta["batch"])
-        log(f"resumed from step {step} ({out / 'checkpoints' / str(step)})")
+        if meta.get("stopped_early"):
+            total_steps = step  # the run ended by early stopping: nothing more to train
     stream = iterate_batches(data, batch_size=t.per_device_train_batch_size, micro_batches=t.gradient_accumulation_steps,
                              max_seq_length=d.max_seq_length, pad_token_id=tokenizer.pad_token_id, seed=config.seed,
-                             start=position)
+                             start=position, group_by_length=t.group_by_length)
     train_step = make_train_step(parts.graphdef, tx)
     eval_every = t.eval_steps or t.logging_steps
 
@@ -129,10 +141,19 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     summary = {}
     if eval_data is not None and t.eval_exact_match and step == 0:
         summary["before"] = {**evaluate(), **evaluate_exact_match(model, tokenizer, eval_records, d.format, fields)}
-        log(f"before training: eval_loss {summary['before']['eval_loss']:.4f}, exact match "
+        say(f"before training: eval_loss {summary['before']['eval_loss']:.4f}, exact match "
             f"{100 * summary['before']['exact_match']:.1f}% on {summary['before']['num_eval_prompts']} held-out prompts")
-    metrics_file = (out / "metrics.jsonl").open("a")
-    last_loss, tokens, t0 = float("nan"), 0, time.perf_counter()
+    schedule = make_schedule(t.learning_rate, t.lr_scheduler_type, num_training_steps=total_steps,
+                             warmup_steps=warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio))
+    stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_threshold, **meta.get("early_stopping", {}))
+    logger = MetricsLogger(out, tensorboard="tensorboard" in t.report_to, start_step=step)
+    bar = tqdm(total=total_steps, initial=step, disable=t.disable_tqdm, desc="train", unit="step",
+               dynamic_ncols=True)
+    if log is None and not t.disable_tqdm:
+        say = bar.write  # messages above the bar, not through it
+    if resume and step:
+        say(f"resumed from step {step} ({out / 'checkpoints' / str(step)})")
+    last_loss, tokens, t0, finished = float("nan"), 0, time.perf_counter(), False
     try:
         while step < total_steps:
             position, batch = next(stream)
@@ -141,41 +162,140 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
             step += 1
             loss = float(m["loss"])
             if not np.isfinite(loss) and not (fp16 and bool(m.get("skipped", False))):
-                raise FloatingPointError(f"the loss became {loss} at step {step}; the last good checkpoint is step "
-                                         f"{checkpointer.latest_step()} in {out / 'checkpoints'}")
+                checkpointer.wait()
+                good = checkpointer.latest_step()
+                where = (f"the last good checkpoint is step {good} in {out / 'checkpoints'}" if good is not None
+                         else "no checkpoint was saved before it")
+                raise FloatingPointError(f"the loss became {loss} at step {step}; training stopped and that step "
+                                         f"was not saved; {where} (lower training.learning_rate or "
+                                         "training.max_grad_norm, or check the data)")
             last_loss, tokens = loss, tokens + int(m["num_tokens"])
+            rate = tokens / (time.perf_counter() - t0)
+            lr = float(schedule(step - 1))  # the rate this step used
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
             if step % t.logging_steps == 0 or step == total_steps:
-                rate = tokens / (time.perf_counter() - t0)
-                record = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": rate}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                log(f"step {step}/{total_steps}  loss {loss:.4f}  grad_norm {record['grad_norm']:.3f}  "
-                    f"{rate:,.0f} tokens/s")
+                logger.write({"step": step, "loss": loss, "learning_rate": lr, "grad_norm": float(m["grad_norm"]),
+                              "tokens_per_s": rate})
+                say(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {float(m['grad_norm']):.3f}"
+                    f"  {rate:,.0f} tokens/s")
+            stop_early = False
             if eval_data is not None and (step % eval_every == 0 or step == total_steps):
                 record = {"step": step, **evaluate()}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                log(f"step {step}/{total_steps}  eval_loss {record['eval_loss']:.4f}  "
+                logger.write(record)
+                say(f"step {step}/{total_steps}  eval_loss {record['eval_loss']:.4f}  "
                     f"eval_perplexity {record['eval_perplexity']:.2f}")
+                stop_early = stopper.update(step, record["eval_loss"])
+                if stop_early:
+                    say(f"early stopping at step {step}: eval_loss has not improved on {stopper.best:.4f} (step "
+                        f"{stopper.best_step}) for {stopper.patience} evaluations")
             stopping = stop_after_steps is not None and step >= stop_after_steps
-            if step % t.save_steps == 0 or step == total_steps or stopping:
+            if step % t.save_steps == 0 or step == total_steps or stopping or stop_early:
                 checkpointer.save(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state},
-                                  {"step": step, "epoch": position.epoch, "batch": position.batch})
+                                  {"step": step, "epoch": position.epoch, "batch": position.batch,
+                                   "early_stopping": stopper.state(), "stopped_early": stop_early})
+            if stop_early:
+                finished = True
+                break
             if stopping:
                 break
+        finished = finished or step >= total_steps or bool(meta.get("stopped_early"))
     finally:
-        metrics_file.close()
+        bar.close()
+        logger.close()
         checkpointer.close()
     update_model(model, trainable, rngs)
-    if step >= total_steps:
+    if finished:
         save_adapter(model, out / "adapter")
+        if t.plot_loss:
+            plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
         if eval_data is not None and t.eval_exact_match:
             summary["after"] = {**evaluate(), **evaluate_exact_match(model, tokenizer, eval_records, d.format, fields)}
-            log(f"after training:  eval_loss {summary['after']['eval_loss']:.4f}, exact match "
+            say(f"after training:  eval_loss {summary['after']['eval_loss']:.4f}, exact match "
                 f"{100 * summary['after']['exact_match']:.1f}% on {summary['after']['num_eval_prompts']} held-out "
                 "prompts")
             (out / "eval_summary.json").write_text(json.dumps(summary, indent=2))
+    if stopper.patience:
+        summary["best_eval_loss"], summary["best_step"] = stopper.best, stopper.best_step
     return {"step": step, "total_steps": total_steps, "loss": last_loss, "model": model, **summary}
+
+
+class EarlyStopping:
+    """transformers' EarlyStoppingCallback on eval_loss: an evaluation improves when it beats the
+    best by more than ``threshold``; ``patience`` evaluations in a row without one stop the run.
+    Its state rides in each checkpoint, so a resumed run counts on."""
+
+    def __init__(self, patience: int | None, threshold: float = 0.0, best: float | None = None,
+                 best_step: int | None = None, bad: int = 0):
+        self.patience, self.threshold = patience, threshold
+        self.best, self.best_step, self.bad = best, best_step, bad
+
+    def update(self, step: int, value: float) -> bool:
+        if self.best is None or value < self.best - self.threshold:
+            self.best, self.best_step, self.bad = value, step, 0
+        else:
+            self.bad += 1
+        return bool(self.patience) and self.bad >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+
+class MetricsLogger:
+    """One JSON line per record in ``metrics.jsonl``, and TensorBoard scalars under ``runs/``
+    (train/... and eval/...); a resumed run drops TensorBoard events past its checkpoint."""
+
+    def __init__(self, out: Path, *, tensorboard: bool, start_step: int = 0):
+        self.file = (out / "metrics.jsonl").open("a")
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "runs"), purge_step=start_step or None)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step":
+                    name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self.tb.add_scalar(name, value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss_curve(metrics: Path, png: Path) -> None:
+    """Training loss (and eval loss when there is one) against the step, from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    last = {}
+    for r in rows:  # a resumed run logs some steps twice: the later line wins
+        last[(r["step"], "eval_loss" in r)] = r
+    train_ = sorted((k[0], r["loss"]) for k, r in last.items() if not k[1])
+    eval_ = sorted((k[0], r["eval_loss"]) for k, r in last.items() if k[1])
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train_:
+        ax.plot(*zip(*train_), label="train loss")
+    if eval_:
+        ax.plot(*zip(*eval_), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(png)
 
 
 def evaluate_exact_match(model, tokenizer, records, fmt, fields, max_examples: int = 128) -> dict:
