@@ -190,3 +190,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, monkeypatch):
     messages = []
     assert train(_config(setup, out), log=messages.append)["step"] == 6
     assert any("resumed from step 4" in m for m in messages)
+
+
+def test_packed_run_with_length_grouping(setup):
+    out = setup[2] / "packed"
+    messages = []
+    result = train(_config(setup, out, "data.packing=true", "training.group_by_length=true", "training.max_steps=3",
+                           "training.gradient_accumulation_steps=1", "training.per_device_train_batch_size=2"),
+                   log=messages.append)
+    # 64 examples of 20 or 21 tokens: 3 per 64-token row, 22 rows
+    assert any("packed 64 examples into 22 rows of 64 tokens" in m for m in messages), messages
+    assert result["step"] == 3 and np.isfinite(result["loss"])
