@@ -143,3 +143,17 @@ def test_group_by_length_matches_transformers_length_grouped_sampler(monkeypatch
     assert order.tolist() == expect
     assert lengths[order[0]] == max(lengths)
     assert (epoch_order(lengths, seed=1, epoch=0, group_size=group) == base).all()
+
+
+def test_local_file_kinds_load_the_same_records(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(5)]
+    ds = datasets.Dataset.from_list(rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    _jsonl(tmp_path / "d.jsonl", rows)
+    ds.to_csv(str(tmp_path / "d.csv"), index=False)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for name in ("d.json", "d.jsonl", "d.csv", "d.parquet", "saved"):
+        assert [dict(r) for r in load_records(tmp_path / name)] == rows, name
