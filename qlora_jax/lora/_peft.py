@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,15 +82,40 @@ def save_adapter(model, path: str | os.PathLike, adapter_name: str | None = None
 
         meta["target_modules"] = sorted(DEFAULT_TARGETS[model.config.model_type])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    path.mkdir(exist_ok=True)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        os.replace(tmp / name, path / name)
+    existed, tmp = path.exists(), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        path.mkdir(exist_ok=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(tmp / name, path / name)
+    except Exception as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        error = _write_error(path, e, existed)
+        if error is None:
+            raise
+        raise error from e
     tmp.rmdir()
     return path
+
+
+def _write_error(path: Path, error: Exception, existed: bool) -> OSError | None:
+    """A failed ``save_adapter`` write as an OSError saying what happened and that nothing was left half-written
+    (safetensors reports a full disk as a SafetensorError, not an OSError); None for errors that are not I/O."""
+    from ..checkpoint import is_disk_full
+
+    kept = "; the adapter already there is unchanged" if existed else ""
+    if is_disk_full(error):
+        return OSError(errno.ENOSPC, f"the disk is full (no space left on device) while writing the adapter to "
+                                     f"{path}; nothing was written there{kept}. Free some space and save again.")
+    if isinstance(error, OSError):
+        return OSError(error.errno, f"writing the adapter to {path} failed ({error}); nothing was written there{kept}")
+    return None
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
