@@ -201,3 +201,12 @@ def test_packed_run_with_length_grouping(setup):
     # 64 examples of 20 or 21 tokens: 3 per 64-token row, 22 rows
     assert any("packed 64 examples into 22 rows of 64 tokens" in m for m in messages), messages
     assert result["step"] == 3 and np.isfinite(result["loss"])
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    from qlora_jax.train._trainer import _drop_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
+    _drop_metrics_after(path, 4)  # the run died at step 7, its last checkpoint is step 4
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]

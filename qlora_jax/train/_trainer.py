@@ -9,6 +9,7 @@ adapter in PEFT's format).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -126,6 +127,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
         restored, meta = checkpointer.restore(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state})
         trainable, rngs, opt_state = restored["trainable"], restored["rngs"], restored["opt_state"]
         position = DataPosition(meta["epoch"], meta["batch"])
+        _drop_metrics_after(out / "metrics.jsonl", step)  # steps past the checkpoint are trained again
         if meta.get("stopped_early"):
             total_steps = step  # the run ended by early stopping: nothing more to train
     stream = iterate_batches(data, batch_size=t.per_device_train_batch_size, micro_batches=t.gradient_accumulation_steps,
@@ -200,10 +202,15 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
             if stopping:
                 break
         finished = finished or step >= total_steps or bool(meta.get("stopped_early"))
-    finally:
+    except BaseException:
         bar.close()
         logger.close()
-        checkpointer.close()
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            checkpointer.close()
+        raise
+    bar.close()
+    logger.close()
+    checkpointer.close()
     update_model(model, trainable, rngs)
     if finished:
         save_adapter(model, out / "adapter")
@@ -218,6 +225,16 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     if stopper.patience:
         summary["best_eval_loss"], summary["best_step"] = stopper.best, stopper.best_step
     return {"step": step, "total_steps": total_steps, "loss": last_loss, "model": model, **summary}
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep only the metric lines up to ``step`` (rewritten atomically)."""
+    if not path.exists():
+        return
+    lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in lines))
+    tmp.replace(path)
 
 
 class EarlyStopping:
