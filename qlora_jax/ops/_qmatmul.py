@@ -1,9 +1,12 @@
 """``qmatmul(x, w)``: y = x @ W^T for a dense or 4-bit quantized weight W of logical shape [out, in].
 
-Dispatch is by the weight's type and ``backend``, never by model code. Implemented so far: the
-XLA path (dequantize to ``x.dtype``, then one dot with fp32 accumulation), which serves every
-platform until the fused Pallas / jax-triton kernels and the native CPU kernel are built; the
-names of those backends are reserved and refused with a clear error until then.
+Dispatch is by the weight's type and ``backend``, never by model code:
+- ``xla``: dequantize to ``x.dtype``, then one dot with fp32 accumulation (every platform);
+- ``pallas``: the fused Pallas kernel (``qlora_jax.kernels.nf4_matmul``, Triton lowering), forward
+  and backward, never materialising the dequantized weight; weights whose K is not a multiple of
+  the blocksize and of 64 take the XLA path;
+- ``auto``: pallas on GPU, the XLA path elsewhere (the native CPU kernel, ``cpu``, and the
+  jax-triton kernel, ``triton``, are not built yet and are refused by name).
 
 Gradients: with respect to ``x`` only (dx = dy @ dequant(W)); the frozen quantized weight gets a
 symbolic zero, so no gradient buffer of its size is ever made.
@@ -11,14 +14,16 @@ symbolic zero, so no gradient buffer of its size is ever made.
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from ..quant import QuantizedArray, dequantize
+from ..quant._array import dequantize_absmax
 
 BACKENDS = ("auto", "pallas", "triton", "cpu", "xla")
-_BUILT = ("auto", "xla")
+_BUILT = ("auto", "pallas", "xla")
 
 
 def _dot_t(x, w):
@@ -43,6 +48,56 @@ def _bwd(w, dy):
 
 
 _qmatmul_xla.defvjp(_fwd, _bwd)
+
+
+def _kernel_operands(w: QuantizedArray):
+    n, k = w.logical_shape
+    return w.codes.reshape(n, k // 2), dequantize_absmax(w).reshape(n, k // w.blocksize)
+
+
+def _block_m(m: int) -> int:
+    """Output rows per program: small for decode-sized M (skinny), 64 for training and prefill."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qmatmul_pallas(x2, w: QuantizedArray, interpret: bool):
+    from ..kernels import nf4_matmul
+
+    codes, absmax = _kernel_operands(w)
+    return nf4_matmul.pallas_matmul(x2, codes, absmax, quant_type=w.quant_type, blocksize=w.blocksize,
+                                    block_m=_block_m(x2.shape[0]), interpret=interpret)
+
+
+def _pallas_fwd(x2, w, interpret):
+    return _qmatmul_pallas(x2, w, interpret), w
+
+
+def _pallas_bwd(interpret, w, dy):
+    from ..kernels import nf4_matmul
+
+    codes, absmax = _kernel_operands(w)
+    dx = nf4_matmul.pallas_matmul_t(dy, codes, absmax, quant_type=w.quant_type, blocksize=w.blocksize,
+                                    block_m=_block_m(dy.shape[0]), interpret=interpret)
+    return dx, None
+
+
+_qmatmul_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def resolve_backend(backend: str, w) -> str:
+    """The backend that will run: ``auto`` is pallas on GPU for a weight the kernel takes, else
+    xla; a named kernel backend falls back to xla for weights it does not take."""
+    if not isinstance(w, QuantizedArray):
+        return "dense"
+    if backend == "auto":
+        backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if backend == "pallas":
+        from ..kernels import nf4_matmul
+
+        if not nf4_matmul.supported(w.logical_shape[1], w.blocksize):
+            return "xla"
+    return backend
 
 
 def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, threshold=None) -> jax.Array:
@@ -75,4 +130,8 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
     if w.batch_shape or len(w.logical_shape) != 2 or w.logical_shape[1] != x.shape[-1]:
         raise ValueError(f"QuantizedArray of shape {w.shape} does not fit input [..., {x.shape[-1]}]; "
                          "expected an unstacked [out, in] weight (map stacked ones with nnx.scan / jax.vmap)")
+    if resolve_backend(backend, w) == "pallas":
+        lead = x.shape[:-1]
+        y = _qmatmul_pallas(x.reshape(-1, x.shape[-1]), w, interpret)
+        return y.reshape(*lead, w.logical_shape[0])
     return _qmatmul_xla(x, w)

@@ -1,0 +1,136 @@
+"""The fused dequantize-matmul Pallas kernels, proven without a GPU (../shared/design.md):
+numbers in interpret mode against the pure-jnp twins and the XLA path, forward and VJP; lowering
+for CUDA through jax.export down to the Triton custom call; fusion (no dequantized weight outside
+the kernel). The same checks at full size and compiled for real run under the ``gpu`` marker."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import qlora_jax
+from qlora_jax.kernels import nf4_matmul as km
+from qlora_jax.ops import qmatmul
+from qlora_jax.ops._qmatmul import _block_m, _kernel_operands, resolve_backend
+from qlora_jax.quant._tables import CODE_TABLES
+
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _weight(n, k, quant_type="nf4", blocksize=64, double_quant=True, seed=0):
+    w = jax.random.normal(jax.random.key(seed), (n, k), jnp.float32)
+    return qlora_jax.quantize(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+
+
+def _close(got, want, dtype):
+    """Equal up to the fp32 accumulation order, then one rounding to ``dtype``."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    eps = float(jnp.finfo(dtype).eps)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= max(eps, 1e-6) * scale, (np.abs(got - want).max(), scale)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_values_are_the_tables(quant_type):
+    got = np.asarray(km.code_values(jnp.arange(16, dtype=jnp.uint8), quant_type))
+    np.testing.assert_array_equal(got, np.asarray(CODE_TABLES[quant_type], np.float32))
+
+
+# (M, N, K, blocksize): tails that the tiles do not divide (M 5, 70; N 40, 17, 200), blocksizes
+# below, at and above the K step
+CASES = [(5, 40, 128, 64), (70, 96, 256, 128), (3, 17, 64, 32), (33, 200, 192, 64)]
+
+
+@pytest.mark.parametrize("m,n,k,blocksize", CASES)
+@pytest.mark.parametrize("quant_type,dtype,double_quant", [("nf4", jnp.bfloat16, True), ("fp4", jnp.float16, True),
+                                                           ("nf4", jnp.float32, False), ("fp4", jnp.bfloat16, False)])
+def test_forward_and_backward_kernels_in_interpret_mode(m, n, k, blocksize, quant_type, dtype, double_quant):
+    q = _weight(n, k, quant_type, blocksize, double_quant)
+    codes, absmax = _kernel_operands(q)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(dtype)
+    dy = jax.random.normal(jax.random.key(2), (m, n), jnp.float32).astype(dtype)
+    kw = dict(quant_type=quant_type, blocksize=blocksize)
+    ref = km.reference_matmul(x, codes, absmax, **kw)
+    xla = qmatmul(x, q, backend="xla")
+    _close(ref, xla, dtype)  # the twin is the XLA path
+    for bm, bn in [(16, 16), (16, 32), (64, 64)]:
+        y = km.pallas_matmul(x, codes, absmax, block_m=bm, block_n=bn, interpret=True, **kw)
+        assert y.dtype == dtype and y.shape == (m, n)
+        _close(y, ref, dtype)
+        dx = km.pallas_matmul_t(dy, codes, absmax, block_m=bm, block_n=bn, interpret=True, **kw)
+        assert dx.dtype == dtype and dx.shape == (m, k)
+        _close(dx, km.reference_matmul_t(dy, codes, absmax, **kw), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_op_vjp_through_the_kernels_matches_grad_of_the_reference(dtype):
+    q = _weight(96, 320)
+    codes, absmax = _kernel_operands(q)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 320), jnp.float32).astype(dtype)
+
+    dy = jax.random.normal(jax.random.key(2), (2, 9, 96), jnp.float32).astype(dtype)
+
+    def loss(fn):  # linear in the op's output: its gradient is exactly the VJP of dy
+        return lambda a: jnp.sum(fn(a).astype(jnp.float32) * dy.astype(jnp.float32))
+
+    ours = jax.jit(jax.value_and_grad(loss(lambda a: qmatmul(a, q, backend="pallas", interpret=True))))(x)
+    ref = jax.value_and_grad(loss(lambda a: km.reference_matmul(a, codes, absmax, quant_type="nf4",
+                                                                 blocksize=64)))(x)
+    assert ours[1].dtype == dtype and ours[1].shape == x.shape
+    _close(ours[1], ref[1], dtype)
+    np.testing.assert_allclose(float(ours[0]), float(ref[0]), rtol=1e-3 if dtype == jnp.bfloat16 else 1e-5)
+
+
+def test_dispatch():
+    q, odd = _weight(64, 128), _weight(64, 96)  # K=96: not a multiple of 64, the XLA path takes it
+    assert resolve_backend("pallas", q) == "pallas" and resolve_backend("pallas", odd) == "xla"
+    assert resolve_backend("auto", q) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert resolve_backend("auto", jnp.ones((4, 4))) == "dense"
+    x = jnp.ones((3, 96), jnp.float32)
+    np.testing.assert_array_equal(qmatmul(x, odd, backend="pallas"), qmatmul(x, odd, backend="xla"))
+    assert [_block_m(m) for m in (1, 16, 17, 32, 33, 8192)] == [16, 16, 32, 32, 64, 64]
+    with pytest.raises(ValueError, match="block_n=48 must be a power of two"):
+        km.pallas_matmul(jnp.ones((4, 128)), *_kernel_operands(q), quant_type="nf4", blocksize=64, block_n=48)
+
+
+def _export_cuda(fn, *args):
+    exp = export.export(jax.jit(fn), platforms=["cuda"],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+    return exp.mlir_module()
+
+
+@pytest.mark.parametrize("m", [1, 16, 32, 128])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("quant_type,blocksize", [("nf4", 64), ("fp4", 128), ("nf4", 32)])
+def test_every_dispatched_configuration_lowers_for_cuda_and_stays_fused(m, dtype, quant_type, blocksize):
+    """The op's forward and backward (block sizes as the dispatcher picks them) lower for CUDA to
+    Triton custom calls, and no array of the weight's [N, K] shape exists outside them."""
+    n, k = 192, 384  # K a multiple of every blocksize here: the kernel takes them all
+    q = jax.eval_shape(lambda: _weight(n, k, quant_type, blocksize))
+    x = jax.ShapeDtypeStruct((m, k), dtype)
+
+    def fwd_bwd(x, q):
+        y, vjp = jax.vjp(lambda a: qmatmul(a, q, backend="pallas"), x)
+        return y, vjp(jnp.ones_like(y))[0]
+
+    text = _export_cuda(fwd_bwd, x, q)
+    calls = re.findall(r"stablehlo.custom_call @([^\(]+)\(", text)
+    assert calls.count(TRITON) == 2 and set(calls) == {TRITON}, calls  # forward and dx, nothing else
+    assert not re.search(rf"tensor<{n}x{k}x", text) and not re.search(rf"tensor<{n * k}x", text)
+    assert re.search(rf"tensor<{n}x{k // 2}xui8>", text)  # the packed codes reach the kernel as they are
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)])
+@pytest.mark.parametrize("m", [1, 16, 128, 2048])
+def test_full_size_on_gpu(m, n, k):
+    q = _weight(n, k)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(2), (m, n), jnp.float32).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(lambda a: qmatmul(a, q, backend="pallas"), x)
+    y_ref, vjp_ref = jax.vjp(lambda a: qmatmul(a, q, backend="xla"), x)
+    _close(y, y_ref, jnp.bfloat16)
+    _close(vjp(dy)[0], vjp_ref(dy)[0], jnp.bfloat16)
