@@ -72,6 +72,7 @@ def cmd_info(args) -> int:
     if not args.quantize:
         tree = jax.eval_shape(lambda t: quant.quantize_params(t, **kw), specs)
         print(quant.storage_report(tree))
+        _print_run_estimate(args, ckpt)
         return 0
 
     shapes, sq_err, sq_ref, n_bytes = {}, 0.0, 0.0, 0
@@ -93,6 +94,37 @@ def cmd_info(args) -> int:
     print(f"quantized {n_bytes / 2**20:.1f} MiB of linear weights in {elapsed:.2f} s; "
           f"relative RMS error of the dequantized weights: {rel:.4f}")
     return 0
+
+
+def _print_run_estimate(args, ckpt) -> None:
+    """Trainable parameters and the estimated peak device memory of one training step, for the run
+    that ``--config`` and the overrides describe (a run config's defaults otherwise)."""
+    import jax.numpy as jnp
+
+    from .config import load_config
+    from .lora import apply_lora, count_parameters
+    from .models import abstract_model
+    from .train import estimate_memory
+
+    config = load_config(args.config, [f"model={args.model}", *args.overrides])
+    q = config.quantization if args.config or any(o.startswith("quantization.") for o in args.overrides) else \
+        quant.QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant)
+    t, d = config.training, config.data
+    model = abstract_model(ckpt, quantization=q, dtype=getattr(jnp, config.model.dtype),
+                           scan_layers=config.model.scan_layers,
+                           gradient_checkpointing=True if t.gradient_checkpointing else None)
+    apply_lora(model, config.lora, seed=config.seed)
+    trainable, total = count_parameters(model)
+    print(f"LoRA r={config.lora.r}, targets {config.lora.target_modules!r}: trainable params: {trainable:,d} || "
+          f"all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    kw = dict(batch_size=t.per_device_train_batch_size, seq_length=d.max_seq_length,
+              micro_batches=t.gradient_accumulation_steps)
+    print(f"estimated peak device memory of a training step (batch {kw['batch_size']} x "
+          f"{kw['micro_batches']} micro-batches x {kw['seq_length']} tokens, {config.model.dtype}, AdamW):")
+    print(estimate_memory(model, gradient_checkpointing=bool(t.gradient_checkpointing), **kw))
+    other = estimate_memory(model, gradient_checkpointing=not t.gradient_checkpointing, **kw)
+    size = f"{other.total / 2**30:.2f} GiB" if other.total >= 2**30 else f"{other.total / 2**20:.2f} MiB"
+    print(f"with gradient checkpointing {'off' if t.gradient_checkpointing else 'on'} instead: {size}")
 
 
 def cmd_generate(args) -> int:
@@ -148,9 +180,17 @@ def cmd_merge(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-jax", description="QLoRA fine-tuning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="a checkpoint's configuration and its 4-bit storage",
-                          description="Print a checkpoint's configuration and the storage of its quantized form.")
+    info = sub.add_parser("info", help="a checkpoint's configuration, 4-bit storage, trainable parameters and the "
+                          "estimated peak memory of a training step",
+                          description="Print a checkpoint's configuration, the storage of its quantized form, the "
+                          "LoRA trainable parameters and an estimate of a training step's peak device memory "
+                          "(weights, adapters, gradients, optimizer state, activations with and without "
+                          "gradient checkpointing) for the run --config and key=value overrides describe.")
     info.add_argument("model", help="checkpoint directory or hub id")
+    info.add_argument("overrides", nargs="*", help="run-config overrides (key.sub=value), e.g. "
+                      "training.per_device_train_batch_size=4 data.max_seq_length=2048")
+    info.add_argument("--config", default=None, help="a run config (YAML) whose lora / data / training sections "
+                      "the estimate uses (its quantization too)")
     info.add_argument("--revision", default=None, help="hub revision (with a hub id)")
     info.add_argument("--quantize", action="store_true",
                       help="stream and quantize every tensor for real (default: shapes only)")

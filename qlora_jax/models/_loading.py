@@ -42,6 +42,38 @@ def _is_quantized_linear(key: str, quantization: QuantConfig | None) -> bool:
     return not any(re.search(rf"(^|\.){re.escape(s)}(\.|$)", module) for s in skip)
 
 
+def abstract_model(path_or_hub_id: str | os.PathLike, *, quantization: QuantConfig | None = None,
+                   dtype=jnp.float32, scan_layers: bool = True, gradient_checkpointing=None,
+                   revision: str | None = None) -> CausalLM:
+    """The model ``from_pretrained`` would build, as shapes and dtypes only (``nnx.eval_shape``):
+    reads config.json, no tensor. For memory estimates and compile-ahead checks of any size."""
+    from transformers import AutoConfig
+
+    ckpt = resolve_checkpoint(path_or_hub_id, revision=revision)
+    hf_config = AutoConfig.from_pretrained(ckpt)
+    cfg = DecoderConfig.from_hf(hf_config)
+    quantization = quantization or _prequantized_config(hf_config)
+    kw = dict(dtype=jnp.dtype(dtype), scan_layers=scan_layers, gradient_checkpointing=gradient_checkpointing,
+              kernel=quantization.kernel if quantization else "auto",
+              compute_dtype=quantization.jnp_compute_dtype if quantization else None)
+
+    def make():
+        model = CausalLM(cfg, rngs=nnx.Rngs(0), **kw)
+        graphdef, state = nnx.split(model)
+        flat = []
+        for path, var in nnx.to_flat_state(state):
+            key, layer = _hf_key(path)
+            if _is_quantized_linear(key.format(0), quantization):
+                var = var.replace(quantize(var.get_value(), **quantization.quantize_kwargs(),
+                                           batch_dims=1 if layer == -1 else 0))
+            flat.append((path, var))
+        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+    model = nnx.eval_shape(make)
+    model.name_or_path = str(path_or_hub_id)
+    return model
+
+
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantConfig | None = None,
                     dtype=jnp.float32, scan_layers: bool = True, gradient_checkpointing=None,
                     shardings=None, revision: str | None = None) -> CausalLM:
