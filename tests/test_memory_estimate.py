@@ -113,24 +113,22 @@ def test_estimate_within_15_percent_qlora_settings(capsys):
            capsys)
 
 
-def test_loop_copies_with_checkpointing_and_micro_batches(capsys):
-    """With checkpointing and several micro-batches the compiled step holds two more copies of the
-    stacked layer weights (the weights ride in the micro-batch loop's carry and XLA's copy
-    insertion gives each layer loop inside it its own). Weights dominate this shape: without the
-    copies the estimate would miss."""
+def test_micro_batches_do_not_copy_the_weights(capsys):
+    """Gradient accumulation with checkpointing on a weight-heavy shape: the compiled step holds no
+    extra copy of the stacked layer weights (it did while the train step carried them in its
+    micro-batch loop: XLA gave each layer loop inside its own copy, two more copies of the base),
+    and the estimate, which counts none, is within the tolerance."""
     cfg = _config(512, 1376, 4, 8, 4, 1024)
     model = _qlora_model(cfg, checkpointing=True, lora=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     estimate = estimate_memory(model, batch_size=1, seq_length=32, micro_batches=2)
     layers = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)["layers"]))
-    assert estimate.loop_copies == 2 * layers and estimate.notes
-    assert estimate_memory(model, batch_size=1, seq_length=32).loop_copies == 0
-    compiled = _compiled_step_memory(model, 1, 32, micro_batches=2)
+    one, two = (_compiled_step_memory(model, 1, 32, micro_batches=k) for k in (1, 2))
     with capsys.disabled():
         print(f"\n[weights, 2 micro-batches, checkpointing] estimate {estimate.total / MiB:.2f} MiB vs compiled "
-              f"{compiled / MiB:.2f} MiB ({estimate.total / compiled:.3f}); loop copies "
-              f"{estimate.loop_copies / MiB:.2f} MiB")
-    assert abs(estimate.total - compiled) <= TOLERANCE * compiled
-    assert estimate.total - estimate.loop_copies < (1 - TOLERANCE) * compiled
+              f"{two / MiB:.2f} MiB ({estimate.total / two:.3f}); 1 micro-batch {one / MiB:.2f} MiB, "
+              f"layer weights {layers / MiB:.2f} MiB")
+    assert two - one < 0.5 * layers  # the accumulator and a batch, not a copy of the weights
+    assert abs(estimate.total - two) <= TOLERANCE * two
 
 
 def test_components_are_exact_where_they_can_be():
@@ -154,7 +152,7 @@ def test_components_are_exact_where_they_can_be():
     assert estimate_memory(model, batch_size=batch_size, seq_length=seq_length, optimizer=tx).optimizer_state \
         == estimate.optimizer_state
     assert estimate.batch >= 3 * 3 * batch_size * seq_length * 4
-    parts = ("base_weights", "adapters", "gradients", "optimizer_state", "activations", "batch", "loop_copies")
+    parts = ("base_weights", "adapters", "gradients", "optimizer_state", "activations", "batch")
     assert estimate.total == sum(getattr(estimate, f) for f in parts)
     text = str(estimate)
     for name in ("base weights", "LoRA adapters", "gradients", "optimizer state", "activations (with checkpointing)",

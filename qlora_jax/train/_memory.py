@@ -21,10 +21,6 @@ Activations are counted buffer by buffer from the program's structure (nothing i
   and the scores' gradient in the layouts of its two matmuls); or the loss (the logits in the
   activation dtype and their fp32 gradient).
 
-With checkpointing and several micro-batches the compiled step also holds two copies of the stacked
-layer weights (``MemoryEstimate.loop_copies``): they ride in the micro-batch loop's carry and XLA's
-copy insertion gives each layer loop inside it its own.
-
 The counts follow the program's buffers as XLA keeps them after fusion (elementwise residuals of a
 recomputed layer are fused into their consumers, the random bits of recomputed dropout masks stay,
 the scan's stacked residuals are sliced into buffers of their own for matmuls, and so on). They
@@ -63,8 +59,7 @@ class MemoryEstimate:
       dtype, plus the step's fp32 accumulator when there are several micro-batches.
       optimizer_state: e.g. AdamW's mu and nu. batch: the token batch (ids, mask, labels) and the
       RNG state. activations: what the backward pass keeps (``saved_activations``) plus the
-      working set of the busiest moment (``peak_phase``). loop_copies: copies of the stacked layer
-      weights that the compiled step makes with checkpointing and several micro-batches.
+      working set of the busiest moment (``peak_phase``).
       gradient_checkpointing: whether the estimate counts layers as rematerialized. notes: caveats
       that apply to this estimate.
     """
@@ -77,14 +72,13 @@ class MemoryEstimate:
     saved_activations: int
     batch: int
     gradient_checkpointing: bool
-    loop_copies: int = 0
     peak_phase: str = ""
     notes: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
         return (self.base_weights + self.adapters + self.gradients + self.optimizer_state + self.activations
-                + self.batch + self.loop_copies)
+                + self.batch)
 
     @property
     def working_set(self) -> int:
@@ -101,8 +95,6 @@ class MemoryEstimate:
                 ("batch", self.batch), (f"activations ({ckpt} checkpointing)", self.activations),
                 ("  saved for backward", self.saved_activations),
                 ("  working set" + (f" ({self.peak_phase})" if self.peak_phase else ""), self.working_set)]
-        if self.loop_copies:
-            rows.append(("layer weights copied into the layer loops", self.loop_copies))
         rows.append(("total (estimated peak)", self.total))
         width = max(len(r[0]) for r in rows)
         lines = [f"{name:<{width}}  {size(b):>12}" for name, b in rows]
@@ -273,7 +265,7 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
       model: a CausalLM, usually with adapters from ``apply_lora``.
       batch_size, seq_length: one micro-batch's shape.
       micro_batches: gradient accumulation steps (more than one adds the fp32 gradient
-        accumulator and, with checkpointing, the loop copies of the layer weights).
+        accumulator).
       gradient_checkpointing: None takes the model's setting; True / False or a
         ``jax.checkpoint_policies`` name overrides it. Policies other than ``nothing_saveable``
         and ``everything_saveable`` save part of each layer and are estimated as no checkpointing
@@ -318,14 +310,6 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
     batch = 3 * m * n * 4 + rng  # input_ids, attention_mask, labels: int32
 
     remat, notes = _checkpointing(model, gradient_checkpointing)
-    # With checkpointing and a real micro-batch loop, the stacked layer weights (frozen and adapters)
-    # ride in that loop's carry, and XLA's copy insertion gives each layer scan inside it (forward,
-    # backward) its own copy of them. Closing over the weights instead of carrying them avoids it.
-    loop_copies = 0
-    if remat and m > 1 and "layers" in nnx.state(model):
-        loop_copies = 2 * _nbytes(nnx.state(model)["layers"])
-        notes += (f"with checkpointing and {m} micro-batches the compiled step copies the stacked layer weights "
-                  "into both layer loops (counted as loop copies)",)
     adapters = _adapters(model)
     layers = [_layer_buffers(cfg, b, s, act, [a for a in adapters if a.proj != "lm_head"
                                               and (a.stacked or (a.layer == li and a.layer is not None))], quantized)
@@ -360,4 +344,4 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
         working, phase = loss, "loss"
     return MemoryEstimate(base_weights=base, adapters=adapter_bytes, gradients=gradients, optimizer_state=opt,
                           activations=saved + working, saved_activations=saved, batch=batch,
-                          gradient_checkpointing=remat, loop_copies=loop_copies, peak_phase=phase, notes=notes)
+                          gradient_checkpointing=remat, peak_phase=phase, notes=notes)

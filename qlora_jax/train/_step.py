@@ -82,16 +82,20 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rng
     grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, LoraParam))
 
     def accumulate(carry, micro):
-        # the weights ride in the carry: NNX modules must be made at the trace level they run in
-        grads, loss, rng_state, params, rest = carry
+        # The weights are closed over, not carried: carried, XLA's copy insertion gives the layer
+        # loops inside this loop their own copies of every stacked weight (two extra copies of the
+        # base with gradient checkpointing). NNX modules must be made at the trace level they run
+        # in, so the closed-over states are rebuilt here (new Variables, the same arrays).
+        grads, loss, rng_state = carry
+        params, rest = (jax.tree.map(lambda x: x, t) for t in (trainable, frozen))
         model = nnx.merge(graphdef, params, rng_state, rest)
         l, g = grad_fn(model, micro)
         rng_state = nnx.state(model, nnx.RngState)
-        return (jax.tree.map(jnp.add, grads, g), loss + l, rng_state, params, rest), None
+        return (jax.tree.map(jnp.add, grads, g), loss + l, rng_state), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-    init = (zeros, jnp.zeros((), jnp.float32), rngs, trainable, frozen)
-    (grads, loss, rngs, _, _), _ = jax.lax.scan(accumulate, init, batch)
+    init = (zeros, jnp.zeros((), jnp.float32), rngs)
+    (grads, loss, rngs), _ = jax.lax.scan(accumulate, init, batch)
     grads = jax.tree.map(lambda g, p: (g / scale).astype(p.dtype), grads, trainable)
     grad_norm = optax.global_norm(grads)
     inner = opt_state[1] if scaling else opt_state
