@@ -1,9 +1,11 @@
 """Fused 4-bit dequantize + matmul in Pallas (Triton lowering): y = x @ dequant(W)^T.
 
 The weight stays in bitsandbytes' layout (../shared/contracts.md): codes ``[N, K/2]`` uint8 (two
-4-bit codes per byte, the first element of a pair in the high nibble) and one fp32 absmax per
-``blocksize`` consecutive elements of a row, ``[N, K/blocksize]`` (double quantization is undone
-on the small absmax array before the kernel: 1/64 of the weight's elements). The kernel never
+4-bit codes per byte, the first element of a pair in the high nibble) and one absmax per
+``blocksize`` consecutive elements of a row, ``[N, K/blocksize]``: fp32, or, with double
+quantization, uint8 codes into the dynamic map with one fp32 scale per ``nested_blocksize``
+absmax values (row-major over the absmax array) and one offset, decoded in the kernel exactly as
+``dequantize`` does (``dynamic_map[code] * scale + offset``, two roundings). The kernel never
 writes the dequantized weight anywhere: each program owns a ``[block_m, block_n]`` tile of y and
 walks K in steps of ``block_k`` (64, or the blocksize when smaller, so one absmax per row and
 step), turning a ``[block_n, block_k/2]`` byte tile into a ``[block_n, block_k]`` weight tile in
@@ -31,7 +33,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from qlora_jax.quant._tables import CODE_TABLES
+from qlora_jax.quant._tables import CODE_TABLES, DYNAMIC_MAP
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -52,19 +54,55 @@ def code_values(c: jax.Array, quant_type: str) -> jax.Array:
     return tree(0, 16)
 
 
-def reference_matmul(x: jax.Array, codes: jax.Array, absmax: jax.Array, *, quant_type: str,
-                     blocksize: int) -> jax.Array:
-    """The pure-jnp twin: dequantize ``codes`` [N, K/2] with ``absmax`` [N, K/blocksize] to
-    x's dtype, then ``x @ W^T`` with fp32 accumulation, in x's dtype."""
+def _two_roundings(product: jax.Array, offset: jax.Array) -> jax.Array:
+    """``product + offset`` with the product rounded first, as bitsandbytes: a select keeps the
+    compiler (XLA, or Triton's LLVM with fp contraction) from fusing the two into one FMA."""
+    return jnp.where(product == product, product, 0.0) + offset
+
+
+def absmax_values(absmax: jax.Array, nested_absmax: jax.Array | None = None, offset: jax.Array | None = None, *,
+                  nested_blocksize: int | None = None) -> jax.Array:
+    """The fp32 absmax [N, KB]: ``absmax`` itself, or decoded from its 8-bit codes."""
+    if nested_absmax is None:
+        return absmax.astype(jnp.float32)
+    flat = jnp.arange(absmax.size).reshape(absmax.shape) // nested_blocksize
+    scale = jnp.asarray(DYNAMIC_MAP, jnp.float32)[absmax.astype(jnp.int32)] * nested_absmax.reshape(-1)[flat]
+    return _two_roundings(scale, offset.reshape(()))
+
+
+def _dequantized(codes, absmax, nested_absmax, offset, quant_type, blocksize, nested_blocksize, dtype):
     n, k = codes.shape[0], codes.shape[1] * 2
+    a = absmax_values(absmax, nested_absmax, offset, nested_blocksize=nested_blocksize)
     w = jnp.stack([code_values(codes >> 4, quant_type), code_values(codes & 0xF, quant_type)], axis=-1)
-    w = (w.reshape(n, k // blocksize, blocksize) * absmax[:, :, None]).reshape(n, k).astype(x.dtype)
+    return (w.reshape(n, k // blocksize, blocksize) * a[:, :, None]).reshape(n, k).astype(dtype)
+
+
+def reference_matmul(x: jax.Array, codes: jax.Array, absmax: jax.Array, nested_absmax: jax.Array | None = None,
+                     offset: jax.Array | None = None, *, quant_type: str, blocksize: int,
+                     nested_blocksize: int | None = None) -> jax.Array:
+    """The pure-jnp twin: dequantize ``codes`` [N, K/2] with ``absmax`` [N, K/blocksize] (fp32,
+    or 8-bit codes with ``nested_absmax`` and ``offset``) to x's dtype, then ``x @ W^T`` with fp32
+    accumulation, in x's dtype."""
+    w = _dequantized(codes, absmax, nested_absmax, offset, quant_type, blocksize, nested_blocksize, x.dtype)
     y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 
 
-def _kernel(x_ref, codes_ref, absmax_ref, o_ref, *, m: int, n: int, k: int, block_m: int, block_n: int,
-            block_k: int, blocksize: int, quant_type: str):
+def _load_absmax(scale_refs, row0: int, block: int, kb, ok, kb_count: int, nested_blocksize: int | None):
+    """fp32 absmax of rows ``row0 .. row0+block`` at absmax column ``kb`` -> [block]."""
+    if nested_blocksize is None:
+        (absmax_ref,) = scale_refs
+        return pltriton.load(absmax_ref.at[pl.ds(row0, block), kb], mask=ok, other=0)
+    codes_ref, nested_ref, offset_ref, map_ref = scale_refs
+    c = pltriton.load(codes_ref.at[pl.ds(row0, block), kb], mask=ok, other=0).astype(jnp.int32)
+    flat = (row0 + jnp.arange(block)) * kb_count + kb
+    scale = pltriton.load(map_ref.at[c]) * pltriton.load(nested_ref.at[flat // nested_blocksize], mask=ok, other=0)
+    return _two_roundings(scale, pltriton.load(offset_ref.at[pl.ds(0, 1)]))  # [1]: broadcasts
+
+
+def _kernel(x_ref, codes_ref, *refs, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
+            blocksize: int, quant_type: str, nested_blocksize: int | None):
+    *scale_refs, o_ref = refs
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * block_m + jnp.arange(block_m)
     cols = j * block_n + jnp.arange(block_n)
@@ -76,7 +114,8 @@ def _kernel(x_ref, codes_ref, absmax_ref, o_ref, *, m: int, n: int, k: int, bloc
                           other=0)
         c = pltriton.load(codes_ref.at[pl.ds(j * block_n, block_n), pl.ds(k0 // 2, block_k // 2)],
                           mask=col_ok[:, None], other=0)
-        a = pltriton.load(absmax_ref.at[pl.ds(j * block_n, block_n), k0 // blocksize], mask=col_ok, other=0)
+        a = _load_absmax(scale_refs, j * block_n, block_n, k0 // blocksize, col_ok, k // blocksize,
+                         nested_blocksize)
         w = jnp.stack([code_values(c >> 4, quant_type), code_values(c & 0xF, quant_type)], axis=-1)
         w = (w.reshape(block_n, block_k) * a[:, None]).astype(x.dtype)
         return acc + pltriton.dot(x, w, trans_b=True)
@@ -91,31 +130,57 @@ def supported(k: int, blocksize: int) -> bool:
     return k % 2 == 0 and k % blocksize == 0 and k % min(64, blocksize) == 0
 
 
-@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "block_m", "block_n", "num_warps",
-                                             "num_stages", "interpret"))
-def pallas_matmul(x: jax.Array, codes: jax.Array, absmax: jax.Array, *, quant_type: str, blocksize: int,
-                  block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                  interpret: bool = False) -> jax.Array:
-    """``x [M, K] @ dequant(codes [N, K/2], absmax [N, K/blocksize])^T -> [M, N]`` in x's dtype.
+_STATIC = ("quant_type", "blocksize", "nested_blocksize", "block_m", "block_n", "num_warps", "num_stages",
+           "interpret")
 
-    ``block_m`` / ``block_n`` (powers of two, at least 16 for the dot) tile the output; ragged
-    tails are masked. See the module docstring for the layout and numerics.
-    """
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r}; expected one of {QUANT_TYPES}")
-    m, k = x.shape
-    n = codes.shape[0]
-    if codes.shape != (n, k // 2) or absmax.shape != (n, k // blocksize):
-        raise ValueError(f"codes {codes.shape} / absmax {absmax.shape} do not fit x {x.shape} with blocksize "
-                         f"{blocksize}; expected ({n}, {k // 2}) / ({n}, {k // blocksize})")
+
+def _scale_operands(n: int, k: int, absmax, nested_absmax, offset, blocksize: int, nested_blocksize):
+    """Checked scale operands for the kernels: (absmax fp32,) or (codes, nested, offset[1], map)."""
+    if k % 2 or absmax.shape != (n, k // blocksize):
+        raise ValueError(f"absmax of shape {absmax.shape} does not fit a [{n}, {k}] weight with blocksize {blocksize}; "
+                         f"expected ({n}, {k // blocksize})")
     if not supported(k, blocksize):
         raise ValueError(f"K={k} is not a multiple of the blocksize {blocksize} and of 64: use the XLA path")
+    if nested_absmax is None:
+        return (absmax.astype(jnp.float32),)
+    if absmax.dtype != jnp.uint8 or nested_blocksize is None or offset is None:
+        raise ValueError("double quantization needs uint8 absmax codes, nested_absmax, offset and nested_blocksize")
+    expected = -(-absmax.size // nested_blocksize)
+    if nested_absmax.size != expected:
+        raise ValueError(f"nested_absmax has {nested_absmax.size} values; expected {expected}")
+    return (absmax, nested_absmax.reshape(-1).astype(jnp.float32), jnp.reshape(offset, (1,)).astype(jnp.float32),
+            jnp.asarray(DYNAMIC_MAP, jnp.float32))
+
+
+def _check_blocks(block_m: int, block_n: int, quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r}; expected one of {QUANT_TYPES}")
     for name, b in (("block_m", block_m), ("block_n", block_n)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name}={b} must be a power of two >= 16")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def pallas_matmul(x: jax.Array, codes: jax.Array, absmax: jax.Array, nested_absmax: jax.Array | None = None,
+                  offset: jax.Array | None = None, *, quant_type: str, blocksize: int,
+                  nested_blocksize: int | None = None, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+                  num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """``x [M, K] @ dequant(codes [N, K/2], absmax [N, K/blocksize])^T -> [M, N]`` in x's dtype.
+
+    ``absmax`` is fp32, or (double quantization) uint8 codes with ``nested_absmax``, ``offset`` and
+    ``nested_blocksize``, decoded in the kernel. ``block_m`` / ``block_n`` (powers of two, at least
+    16 for the dot) tile the output; ragged tails are masked. See the module docstring.
+    """
+    _check_blocks(block_m, block_n, quant_type)
+    m, k = x.shape
+    n = codes.shape[0]
+    if codes.shape != (n, k // 2):
+        raise ValueError(f"codes of shape {codes.shape} do not fit x {x.shape}; expected ({n}, {k // 2})")
+    nbs = nested_blocksize if nested_absmax is not None else None
+    scales = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nbs)
     block_k = min(64, blocksize)
     kernel = functools.partial(_kernel, m=m, n=n, k=k, block_m=block_m, block_n=block_n, block_k=block_k,
-                               blocksize=blocksize, quant_type=quant_type)
+                               blocksize=blocksize, quant_type=quant_type, nested_blocksize=nbs)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(m, block_m), pl.cdiv(n, block_n)),
@@ -123,23 +188,23 @@ def pallas_matmul(x: jax.Array, codes: jax.Array, absmax: jax.Array, *, quant_ty
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"{quant_type}_matmul",
-    )(x, codes, absmax.astype(jnp.float32))
+    )(x, codes, *scales)
 
 
-def reference_matmul_t(dy: jax.Array, codes: jax.Array, absmax: jax.Array, *, quant_type: str,
-                       blocksize: int) -> jax.Array:
+def reference_matmul_t(dy: jax.Array, codes: jax.Array, absmax: jax.Array, nested_absmax: jax.Array | None = None,
+                       offset: jax.Array | None = None, *, quant_type: str, blocksize: int,
+                       nested_blocksize: int | None = None) -> jax.Array:
     """The pure-jnp twin of the backward: ``dy [M, N] @ dequant(W) [N, K]`` in dy's dtype."""
-    n, k = codes.shape[0], codes.shape[1] * 2
-    w = jnp.stack([code_values(codes >> 4, quant_type), code_values(codes & 0xF, quant_type)], axis=-1)
-    w = (w.reshape(n, k // blocksize, blocksize) * absmax[:, :, None]).reshape(n, k).astype(dy.dtype)
+    w = _dequantized(codes, absmax, nested_absmax, offset, quant_type, blocksize, nested_blocksize, dy.dtype)
     y = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(dy.dtype)
 
 
-def _kernel_t(dy_ref, codes_ref, absmax_ref, o_ref, *, m: int, n: int, block_m: int, block_n: int, block_k: int,
-              blocksize: int, quant_type: str):
+def _kernel_t(dy_ref, codes_ref, *refs, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
+              blocksize: int, quant_type: str, nested_blocksize: int | None):
     """dx tile [block_m, block_k] at (i, kt): walks N (the weight's rows) in steps of block_n; the
     weight tile is read along its rows, its packed layout is never transposed in memory."""
+    *scale_refs, o_ref = refs
     i, kt = pl.program_id(0), pl.program_id(1)
     rows = i * block_m + jnp.arange(block_m)
     row_ok = rows < m
@@ -153,7 +218,7 @@ def _kernel_t(dy_ref, codes_ref, absmax_ref, o_ref, *, m: int, n: int, block_m: 
                           mask=row_ok[:, None] & w_ok[None, :], other=0)
         c = pltriton.load(codes_ref.at[pl.ds(n0, block_n), pl.ds(k0 // 2, block_k // 2)], mask=w_ok[:, None],
                           other=0)
-        a = pltriton.load(absmax_ref.at[pl.ds(n0, block_n), k0 // blocksize], mask=w_ok, other=0)
+        a = _load_absmax(scale_refs, n0, block_n, k0 // blocksize, w_ok, k // blocksize, nested_blocksize)
         w = jnp.stack([code_values(c >> 4, quant_type), code_values(c & 0xF, quant_type)], axis=-1)
         w = (w.reshape(block_n, block_k) * a[:, None]).astype(g.dtype)
         return acc + pltriton.dot(g, w)
@@ -163,28 +228,23 @@ def _kernel_t(dy_ref, codes_ref, absmax_ref, o_ref, *, m: int, n: int, block_m: 
                    mask=row_ok[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "block_m", "block_n", "num_warps",
-                                             "num_stages", "interpret"))
-def pallas_matmul_t(dy: jax.Array, codes: jax.Array, absmax: jax.Array, *, quant_type: str, blocksize: int,
-                    block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                    interpret: bool = False) -> jax.Array:
-    """The backward: ``dy [M, N] @ dequant(codes [N, K/2], absmax [N, K/blocksize]) -> [M, K]``
-    in dy's dtype, fused the same way (``block_n`` here tiles the reduction over N)."""
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r}; expected one of {QUANT_TYPES}")
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def pallas_matmul_t(dy: jax.Array, codes: jax.Array, absmax: jax.Array, nested_absmax: jax.Array | None = None,
+                    offset: jax.Array | None = None, *, quant_type: str, blocksize: int,
+                    nested_blocksize: int | None = None, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+                    num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """The backward: ``dy [M, N] @ dequant(codes [N, K/2], absmax) -> [M, K]`` in dy's dtype,
+    fused the same way (``block_n`` here tiles the reduction over N); scales as ``pallas_matmul``."""
+    _check_blocks(block_m, block_n, quant_type)
     m, n = dy.shape
     k = codes.shape[1] * 2
-    if codes.shape[0] != n or absmax.shape != (n, k // blocksize):
-        raise ValueError(f"codes {codes.shape} / absmax {absmax.shape} do not fit dy {dy.shape} with blocksize "
-                         f"{blocksize}")
-    if not supported(k, blocksize):
-        raise ValueError(f"K={k} is not a multiple of the blocksize {blocksize} and of 64: use the XLA path")
-    for name, b in (("block_m", block_m), ("block_n", block_n)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"{name}={b} must be a power of two >= 16")
+    if codes.shape[0] != n:
+        raise ValueError(f"codes of shape {codes.shape} do not fit dy {dy.shape}; expected {n} rows")
+    nbs = nested_blocksize if nested_absmax is not None else None
+    scales = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nbs)
     block_k = min(64, blocksize)
-    kernel = functools.partial(_kernel_t, m=m, n=n, block_m=block_m, block_n=block_n, block_k=block_k,
-                               blocksize=blocksize, quant_type=quant_type)
+    kernel = functools.partial(_kernel_t, m=m, n=n, k=k, block_m=block_m, block_n=block_n, block_k=block_k,
+                               blocksize=blocksize, quant_type=quant_type, nested_blocksize=nbs)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(m, block_m), k // block_k),
@@ -192,4 +252,4 @@ def pallas_matmul_t(dy: jax.Array, codes: jax.Array, absmax: jax.Array, *, quant
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"{quant_type}_matmul_t",
-    )(dy, codes, absmax.astype(jnp.float32))
+    )(dy, codes, *scales)

@@ -12,11 +12,11 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 1433
 MS = [1, 16, 128, 512, 2048, 8192]
 
 
-def bytes_fused(m, n, k, blocksize=64):
-    codes = n * k // 2
-    absmax = n * k // blocksize * 4  # fp32, undone from the 8-bit nested codes before the kernel
-    absmax_pass = n * k // blocksize * (1 + 4)  # that XLA pass: read uint8 codes, write fp32
-    return codes + absmax + absmax_pass + 2 * m * k + 2 * m * n
+def bytes_fused(m, n, k, blocksize=64, nested_blocksize=256):
+    """What our kernel reads and writes: codes, 8-bit absmax codes and their fp32 scales (decoded
+    in the kernel), x and y (bf16). The 1 KiB dynamic map is cached."""
+    nested = -(-(n * k // blocksize) // nested_blocksize) * 4
+    return n * k // 2 + n * k // blocksize + nested + 2 * m * k + 2 * m * n
 
 
 def bytes_must(m, n, k, blocksize=64):

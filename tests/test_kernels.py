@@ -15,6 +15,7 @@ import qlora_jax
 from qlora_jax.kernels import nf4_matmul as km
 from qlora_jax.ops import qmatmul
 from qlora_jax.ops._qmatmul import _block_m, _kernel_operands, resolve_backend
+from qlora_jax.quant._array import dequantize_absmax
 from qlora_jax.quant._tables import CODE_TABLES
 
 TRITON = "__gpu$xla.gpu.triton"
@@ -49,26 +50,44 @@ CASES = [(5, 40, 128, 64), (70, 96, 256, 128), (3, 17, 64, 32), (33, 200, 192, 6
                                                            ("nf4", jnp.float32, False), ("fp4", jnp.bfloat16, False)])
 def test_forward_and_backward_kernels_in_interpret_mode(m, n, k, blocksize, quant_type, dtype, double_quant):
     q = _weight(n, k, quant_type, blocksize, double_quant)
-    codes, absmax = _kernel_operands(q)
+    arrays, kw = _kernel_operands(q)
+    assert (arrays[1].dtype == jnp.uint8) == double_quant  # 8-bit absmax codes reach the kernel as they are
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(dtype)
     dy = jax.random.normal(jax.random.key(2), (m, n), jnp.float32).astype(dtype)
-    kw = dict(quant_type=quant_type, blocksize=blocksize)
-    ref = km.reference_matmul(x, codes, absmax, **kw)
+    # the twin's absmax decoding is dequantize's, bit for bit, and so its weight
+    np.testing.assert_array_equal(km.absmax_values(*arrays[1:], nested_blocksize=kw["nested_blocksize"]),
+                                  dequantize_absmax(q).reshape(n, -1))
+    ref = km.reference_matmul(x, *arrays, **kw)
     xla = qmatmul(x, q, backend="xla")
     _close(ref, xla, dtype)  # the twin is the XLA path
     for bm, bn in [(16, 16), (16, 32), (64, 64)]:
-        y = km.pallas_matmul(x, codes, absmax, block_m=bm, block_n=bn, interpret=True, **kw)
+        y = km.pallas_matmul(x, *arrays, block_m=bm, block_n=bn, interpret=True, **kw)
         assert y.dtype == dtype and y.shape == (m, n)
         _close(y, ref, dtype)
-        dx = km.pallas_matmul_t(dy, codes, absmax, block_m=bm, block_n=bn, interpret=True, **kw)
+        dx = km.pallas_matmul_t(dy, *arrays, block_m=bm, block_n=bn, interpret=True, **kw)
         assert dx.dtype == dtype and dx.shape == (m, k)
-        _close(dx, km.reference_matmul_t(dy, codes, absmax, **kw), dtype)
+        _close(dx, km.reference_matmul_t(dy, *arrays, **kw), dtype)
+
+
+@pytest.mark.parametrize("quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, True),
+                                                               ("nf4", 128, False)])
+def test_the_kernels_dequantize_bit_exactly(quant_type, blocksize, double_quant):
+    """Through an identity matrix the kernels return the weight they built in registers: equal bit
+    for bit to ``dequantize`` (bitsandbytes' values), nested absmax decoding included."""
+    n, k = 48, 384  # 288 or 576 absmax values: nested blocks of 256 end mid-row
+    q = _weight(n, k, quant_type, blocksize, double_quant)
+    arrays, kw = _kernel_operands(q)
+    w = np.asarray(qlora_jax.dequantize(q, jnp.float32))
+    y = km.pallas_matmul(jnp.eye(k, dtype=jnp.float32), *arrays, block_m=32, block_n=16, interpret=True, **kw)
+    np.testing.assert_array_equal(np.asarray(y), w.T)
+    dx = km.pallas_matmul_t(jnp.eye(n, dtype=jnp.float32), *arrays, block_m=16, block_n=16, interpret=True, **kw)
+    np.testing.assert_array_equal(np.asarray(dx), w)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_op_vjp_through_the_kernels_matches_grad_of_the_reference(dtype):
     q = _weight(96, 320)
-    codes, absmax = _kernel_operands(q)
+    arrays, kw = _kernel_operands(q)
     x = jax.random.normal(jax.random.key(1), (2, 9, 320), jnp.float32).astype(dtype)
 
     dy = jax.random.normal(jax.random.key(2), (2, 9, 96), jnp.float32).astype(dtype)
@@ -77,8 +96,7 @@ def test_op_vjp_through_the_kernels_matches_grad_of_the_reference(dtype):
         return lambda a: jnp.sum(fn(a).astype(jnp.float32) * dy.astype(jnp.float32))
 
     ours = jax.jit(jax.value_and_grad(loss(lambda a: qmatmul(a, q, backend="pallas", interpret=True))))(x)
-    ref = jax.value_and_grad(loss(lambda a: km.reference_matmul(a, codes, absmax, quant_type="nf4",
-                                                                 blocksize=64)))(x)
+    ref = jax.value_and_grad(loss(lambda a: km.reference_matmul(a, *arrays, **kw)))(x)
     assert ours[1].dtype == dtype and ours[1].shape == x.shape
     _close(ours[1], ref[1], dtype)
     np.testing.assert_allclose(float(ours[0]), float(ref[0]), rtol=1e-3 if dtype == jnp.bfloat16 else 1e-5)
@@ -93,7 +111,7 @@ def test_dispatch():
     np.testing.assert_array_equal(qmatmul(x, odd, backend="pallas"), qmatmul(x, odd, backend="xla"))
     assert [_block_m(m) for m in (1, 16, 17, 32, 33, 8192)] == [16, 16, 32, 32, 64, 64]
     with pytest.raises(ValueError, match="block_n=48 must be a power of two"):
-        km.pallas_matmul(jnp.ones((4, 128)), *_kernel_operands(q), quant_type="nf4", blocksize=64, block_n=48)
+        km.pallas_matmul(jnp.ones((4, 128)), *_kernel_operands(q)[0], **_kernel_operands(q)[1], block_n=48)
 
 
 def _export_cuda(fn, *args):
@@ -121,6 +139,7 @@ def test_every_dispatched_configuration_lowers_for_cuda_and_stays_fused(m, dtype
     assert calls.count(TRITON) == 2 and set(calls) == {TRITON}, calls  # forward and dx, nothing else
     assert not re.search(rf"tensor<{n}x{k}x", text) and not re.search(rf"tensor<{n * k}x", text)
     assert re.search(rf"tensor<{n}x{k // 2}xui8>", text)  # the packed codes reach the kernel as they are
+    assert re.search(rf"tensor<{n}x{k // blocksize}xui8>", text)  # so do the 8-bit absmax codes
 
 
 @pytest.mark.gpu
@@ -128,6 +147,10 @@ def test_every_dispatched_configuration_lowers_for_cuda_and_stays_fused(m, dtype
 @pytest.mark.parametrize("m", [1, 16, 128, 2048])
 def test_full_size_on_gpu(m, n, k):
     q = _weight(n, k)
+    if m == 16:  # the weight the kernel builds, bit for bit (no FMA fused into the absmax decoding)
+        arrays, kw = _kernel_operands(q)
+        y = km.pallas_matmul(jnp.eye(k, dtype=jnp.float32)[:1024], *arrays, **kw)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(qlora_jax.dequantize(q, jnp.float32)).T[:1024])
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(2), (m, n), jnp.float32).astype(jnp.bfloat16)
     y, vjp = jax.vjp(lambda a: qmatmul(a, q, backend="pallas"), x)

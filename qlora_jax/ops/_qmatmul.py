@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from ..quant import QuantizedArray, dequantize
-from ..quant._array import dequantize_absmax
 
 BACKENDS = ("auto", "pallas", "triton", "cpu", "xla")
 _BUILT = ("auto", "pallas", "xla")
@@ -50,9 +49,15 @@ def _bwd(w, dy):
 _qmatmul_xla.defvjp(_fwd, _bwd)
 
 
-def _kernel_operands(w: QuantizedArray):
+def _kernel_operands(w: QuantizedArray) -> tuple[tuple, dict]:
+    """The kernels' view of a weight, no copy: codes [N, K/2], absmax [N, K/blocksize] (fp32, or
+    uint8 codes with the nested scales and offset, decoded in the kernel), and static arguments."""
     n, k = w.logical_shape
-    return w.codes.reshape(n, k // 2), dequantize_absmax(w).reshape(n, k // w.blocksize)
+    arrays = (w.codes.reshape(n, k // 2), w.absmax.reshape(n, k // w.blocksize))
+    if w.double_quant:
+        arrays += (w.nested_absmax, w.offset)
+    return arrays, dict(quant_type=w.quant_type, blocksize=w.blocksize,
+                        nested_blocksize=w.nested_blocksize if w.double_quant else None)
 
 
 def _block_m(m: int) -> int:
@@ -64,9 +69,8 @@ def _block_m(m: int) -> int:
 def _qmatmul_pallas(x2, w: QuantizedArray, interpret: bool):
     from ..kernels import nf4_matmul
 
-    codes, absmax = _kernel_operands(w)
-    return nf4_matmul.pallas_matmul(x2, codes, absmax, quant_type=w.quant_type, blocksize=w.blocksize,
-                                    block_m=_block_m(x2.shape[0]), interpret=interpret)
+    arrays, static = _kernel_operands(w)
+    return nf4_matmul.pallas_matmul(x2, *arrays, **static, block_m=_block_m(x2.shape[0]), interpret=interpret)
 
 
 def _pallas_fwd(x2, w, interpret):
@@ -76,9 +80,8 @@ def _pallas_fwd(x2, w, interpret):
 def _pallas_bwd(interpret, w, dy):
     from ..kernels import nf4_matmul
 
-    codes, absmax = _kernel_operands(w)
-    dx = nf4_matmul.pallas_matmul_t(dy, codes, absmax, quant_type=w.quant_type, blocksize=w.blocksize,
-                                    block_m=_block_m(dy.shape[0]), interpret=interpret)
+    arrays, static = _kernel_operands(w)
+    dx = nf4_matmul.pallas_matmul_t(dy, *arrays, **static, block_m=_block_m(dy.shape[0]), interpret=interpret)
     return dx, None
 
 
