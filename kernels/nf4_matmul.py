@@ -253,3 +253,60 @@ def pallas_matmul_t(dy: jax.Array, codes: jax.Array, absmax: jax.Array, nested_a
         interpret=interpret,
         name=f"{quant_type}_matmul_t",
     )(dy, codes, *scales)
+
+
+def _kernel_gemv(x_ref, codes_ref, *refs, m: int, n: int, k: int, block_n: int, block_k: int, blocksize: int,
+                 quant_type: str, nested_blocksize: int | None):
+    """y [m, block_n] for m <= 16 tokens: no tensor-core dot (at least 16 rows, mostly padding
+    here) but multiply-adds on [m, block_n, block_k] and a reduction over K; each program streams
+    ``block_n`` weight rows once for all m tokens."""
+    *scale_refs, o_ref = refs
+    j = pl.program_id(0)
+    cols = j * block_n + jnp.arange(block_n)
+    col_ok = cols < n
+
+    def step(t, acc):
+        k0 = t * block_k
+        x = pltriton.load(x_ref.at[:, pl.ds(k0, block_k)]).astype(jnp.float32)  # [m, block_k]
+        c = pltriton.load(codes_ref.at[pl.ds(j * block_n, block_n), pl.ds(k0 // 2, block_k // 2)],
+                          mask=col_ok[:, None], other=0)
+        a = _load_absmax(scale_refs, j * block_n, block_n, k0 // blocksize, col_ok, k // blocksize,
+                         nested_blocksize)
+        w = jnp.stack([code_values(c >> 4, quant_type), code_values(c & 0xF, quant_type)], axis=-1)
+        w = (w.reshape(block_n, block_k) * a[:, None]).astype(x_ref.dtype).astype(jnp.float32)
+        return acc + jnp.sum(x[:, None, :] * w[None, :, :], axis=-1)
+
+    acc = jax.lax.fori_loop(0, k // block_k, step, jnp.zeros((m, block_n), jnp.float32))
+    pltriton.store(o_ref.at[:, pl.ds(j * block_n, block_n)], acc.astype(o_ref.dtype), mask=col_ok[None, :])
+
+
+GEMV_MAX_M = 16
+
+
+@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "nested_blocksize", "block_n", "num_warps",
+                                             "num_stages", "interpret"))
+def pallas_gemv(x: jax.Array, codes: jax.Array, absmax: jax.Array, nested_absmax: jax.Array | None = None,
+                offset: jax.Array | None = None, *, quant_type: str, blocksize: int,
+                nested_blocksize: int | None = None, block_n: int = 32, num_warps: int = 4, num_stages: int = 3,
+                interpret: bool = False) -> jax.Array:
+    """The skinny variant of ``pallas_matmul`` for decode: ``x [M, K]`` with M a power of two up
+    to 16 (the op pads to one), same operands and numerics (products in fp32, summed in fp32)."""
+    _check_blocks(16, block_n, quant_type)
+    m, k = x.shape
+    n = codes.shape[0]
+    if m > GEMV_MAX_M or m & (m - 1):
+        raise ValueError(f"pallas_gemv takes M a power of two <= {GEMV_MAX_M} rows; got M={m}")
+    if codes.shape != (n, k // 2):
+        raise ValueError(f"codes of shape {codes.shape} do not fit x {x.shape}; expected ({n}, {k // 2})")
+    nbs = nested_blocksize if nested_absmax is not None else None
+    scales = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nbs)
+    kernel = functools.partial(_kernel_gemv, m=m, n=n, k=k, block_n=block_n, block_k=min(64, blocksize),
+                               blocksize=blocksize, quant_type=quant_type, nested_blocksize=nbs)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, block_n),),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"{quant_type}_gemv",
+    )(x, codes, *scales)

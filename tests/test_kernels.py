@@ -67,6 +67,12 @@ def test_forward_and_backward_kernels_in_interpret_mode(m, n, k, blocksize, quan
         dx = km.pallas_matmul_t(dy, *arrays, block_m=bm, block_n=bn, interpret=True, **kw)
         assert dx.dtype == dtype and dx.shape == (m, k)
         _close(dx, km.reference_matmul_t(dy, *arrays, **kw), dtype)
+    for rows in (1, 2, 4, 8, 16):  # the skinny kernel, for decode
+        y = km.pallas_gemv(x[:rows] if rows <= m else jnp.resize(x, (rows, k)), *arrays, block_n=16, interpret=True,
+                           **kw)
+        _close(y, km.reference_matmul(x[:rows] if rows <= m else jnp.resize(x, (rows, k)), *arrays, **kw), dtype)
+    # the op: dispatch (skinny below 17 rows, padded), reshapes, custom VJP
+    _close(qmatmul(x, q, backend="pallas", interpret=True), ref, dtype)
 
 
 @pytest.mark.parametrize("quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, True),
@@ -80,6 +86,9 @@ def test_the_kernels_dequantize_bit_exactly(quant_type, blocksize, double_quant)
     w = np.asarray(qlora_jax.dequantize(q, jnp.float32))
     y = km.pallas_matmul(jnp.eye(k, dtype=jnp.float32), *arrays, block_m=32, block_n=16, interpret=True, **kw)
     np.testing.assert_array_equal(np.asarray(y), w.T)
+    for j in (0, 77, k - 1):  # the skinny kernel: one column of the identity at a time
+        y = km.pallas_gemv(jnp.eye(k, dtype=jnp.float32)[j:j + 1], *arrays, block_n=16, interpret=True, **kw)
+        np.testing.assert_array_equal(np.asarray(y)[0], w[:, j])
     dx = km.pallas_matmul_t(jnp.eye(n, dtype=jnp.float32), *arrays, block_m=16, block_n=16, interpret=True, **kw)
     np.testing.assert_array_equal(np.asarray(dx), w)
 
@@ -110,6 +119,8 @@ def test_dispatch():
     x = jnp.ones((3, 96), jnp.float32)
     np.testing.assert_array_equal(qmatmul(x, odd, backend="pallas"), qmatmul(x, odd, backend="xla"))
     assert [_block_m(m) for m in (1, 16, 17, 32, 33, 8192)] == [16, 16, 32, 32, 64, 64]
+    with pytest.raises(ValueError, match="pallas_gemv takes M a power of two <= 16 rows; got M=3"):
+        km.pallas_gemv(jnp.ones((3, 128)), *_kernel_operands(q)[0], **_kernel_operands(q)[1])
     with pytest.raises(ValueError, match="block_n=48 must be a power of two"):
         km.pallas_matmul(jnp.ones((4, 128)), *_kernel_operands(q)[0], **_kernel_operands(q)[1], block_n=48)
 

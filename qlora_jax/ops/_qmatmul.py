@@ -2,8 +2,9 @@
 
 Dispatch is by the weight's type and ``backend``, never by model code:
 - ``xla``: dequantize to ``x.dtype``, then one dot with fp32 accumulation (every platform);
-- ``pallas``: the fused Pallas kernel (``qlora_jax.kernels.nf4_matmul``, Triton lowering), forward
-  and backward, never materialising the dequantized weight; weights whose K is not a multiple of
+- ``pallas``: the fused Pallas kernels (``qlora_jax.kernels.nf4_matmul``, Triton lowering): the
+  skinny one for up to 16 rows (decode), the GEMM one above, and the dx kernel, never
+  materialising the dequantized weight; weights whose K is not a multiple of
   the blocksize and of 64 take the XLA path;
 - ``auto``: pallas on GPU, the XLA path elsewhere (the native CPU kernel, ``cpu``, and the
   jax-triton kernel, ``triton``, are not built yet and are refused by name).
@@ -70,7 +71,12 @@ def _qmatmul_pallas(x2, w: QuantizedArray, interpret: bool):
     from ..kernels import nf4_matmul
 
     arrays, static = _kernel_operands(w)
-    return nf4_matmul.pallas_matmul(x2, *arrays, **static, block_m=_block_m(x2.shape[0]), interpret=interpret)
+    m = x2.shape[0]
+    if m <= nf4_matmul.GEMV_MAX_M:  # decode: the skinny kernel, rows padded to a power of two
+        rows = 1 << (m - 1).bit_length()
+        y = nf4_matmul.pallas_gemv(jnp.pad(x2, ((0, rows - m), (0, 0))), *arrays, **static, interpret=interpret)
+        return y[:m]
+    return nf4_matmul.pallas_matmul(x2, *arrays, **static, block_m=_block_m(m), interpret=interpret)
 
 
 def _pallas_fwd(x2, w, interpret):
