@@ -3,6 +3,7 @@ numbers in interpret mode against the pure-jnp twins and the XLA path, forward a
 for CUDA through jax.export down to the Triton custom call; fusion (no dequantized weight outside
 the kernel). The same checks at full size and compiled for real run under the ``gpu`` marker."""
 
+import json
 import re
 
 import jax
@@ -168,3 +169,58 @@ def test_full_size_on_gpu(m, n, k):
     y_ref, vjp_ref = jax.vjp(lambda a: qmatmul(a, q, backend="xla"), x)
     _close(y, y_ref, jnp.bfloat16)
     _close(vjp(dy)[0], vjp_ref(dy)[0], jnp.bfloat16)
+
+
+def test_block_sizes_are_measured_once_and_cached_on_disk(tmp_path):
+    """The autotuner runs every candidate on representative inputs (here in interpret mode, with a
+    stand-in clock that favours the last candidate), keeps the fastest, writes it atomically to its JSON
+    file, and the next tuner (a new process) reads it without measuring; candidates that fail are
+    skipped. It runs while the op is being traced under jit."""
+    from qlora_jax.kernels.autotune import Autotuner
+    from qlora_jax.ops._qmatmul import _candidates, _choose
+
+    calls = []
+
+    def clock(fn):  # a stand-in clock: each candidate really runs; later candidates "are faster"
+        out = jax.block_until_ready(fn())
+        assert out.shape == (16, 64) and out.dtype == jnp.bfloat16
+        calls.append(1)
+        return 100.0 - len(calls)
+
+    q = _weight(64, 128)
+    tuner = Autotuner(tmp_path / "autotune.json", timer=clock)
+
+    @jax.jit
+    def traced(x):  # tuning happens at trace time, on concrete inputs
+        return jnp.zeros(()) + len(_choose("gemv", 16, q, jnp.bfloat16, interpret=True, tuner=tuner))
+
+    traced(jnp.ones(3))
+    best = _choose("gemv", 16, q, jnp.bfloat16, interpret=True, tuner=tuner)
+    assert best == _candidates("gemv", 16)[-1] and len(calls) == len(_candidates("gemv", 16))
+    saved = json.loads((tmp_path / "autotune.json").read_text())
+    (entry,) = saved
+    assert saved[entry]["config"] == best and '"dtype": "bfloat16"' in entry and '"m": 16' in entry
+    fresh = Autotuner(tmp_path / "autotune.json", timer=lambda fn: pytest.fail("measured again"))
+    assert _choose("gemv", 16, q, jnp.bfloat16, interpret=True, tuner=fresh) == best
+    # another dtype is another entry; a candidate that cannot run is skipped
+    broken = Autotuner(tmp_path / "autotune.json",
+                       timer=lambda fn: (_ for _ in ()).throw(RuntimeError("too much shared memory")))
+    with pytest.raises(RuntimeError, match="no configuration of kernel nf4_matmul.gemm ran"):
+        _choose("gemm", 64, q, jnp.float16, interpret=True, tuner=broken)
+    assert _choose("gemm", 64, q, jnp.float16, interpret=True) == _candidates("gemm", 64)[0]  # CPU: the default
+
+
+@pytest.mark.parametrize("kind", ["gemm", "gemv", "gemm_t"])
+def test_every_autotune_candidate_lowers_for_cuda(kind):
+    """The autotuner may pick any candidate on a GPU: each one lowers to the Triton custom call."""
+    from qlora_jax.ops._qmatmul import _candidates
+
+    n, k, m = 256, 512, 16 if kind == "gemv" else 128
+    q = jax.eval_shape(lambda: _weight(n, k))
+    arrays = jax.eval_shape(lambda w: _kernel_operands(w)[0], q)
+    static = _kernel_operands(_weight(8, 64))[1]  # the same static arguments (nf4, 64, 256)
+    fn = {"gemm": km.pallas_matmul, "gemv": km.pallas_gemv, "gemm_t": km.pallas_matmul_t}[kind]
+    x = jax.ShapeDtypeStruct((m, n if kind == "gemm_t" else k), jnp.bfloat16)
+    for config in _candidates(kind, m):
+        text = _export_cuda(lambda x, *a, c=config: fn(x, *a, **static, **c), x, *arrays)
+        assert TRITON in text, config

@@ -66,6 +66,58 @@ def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
+_GEMM_CANDIDATES = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4),
+                    (128, 128, 8, 4), (64, 128, 8, 4), (32, 64, 4, 4)]
+_GEMV_CANDIDATES = [(32, 4), (16, 4), (64, 4), (128, 4), (32, 2), (64, 8), (128, 8)]
+
+
+def _candidates(kind: str, m: int) -> list[dict]:
+    """Configurations to try, the untuned default first (what runs when nothing is measured)."""
+    if kind == "gemv":
+        return [dict(block_n=bn, num_warps=nw, num_stages=3) for bn, nw in _GEMV_CANDIDATES]
+    first = dict(block_m=_block_m(m), block_n=64, num_warps=4, num_stages=3)
+    rest = [dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in _GEMM_CANDIDATES]
+    return [first] + [c for c in rest if c != first and c["block_m"] <= max(32, 1 << (m - 1).bit_length())]
+
+
+def _random_like(w: QuantizedArray, m: int, k_in: int, dtype):
+    """Representative inputs for timing (random, never zeros) of the weight's operand shapes."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    arrays, _ = _kernel_operands(w)
+    fake = [jax.random.randint(keys[0], arrays[0].shape, 0, 256).astype(jnp.uint8)]
+    if w.double_quant:
+        fake += [jax.random.randint(keys[1], arrays[1].shape, 0, 256).astype(jnp.uint8),
+                 jax.random.uniform(keys[2], arrays[2].shape, jnp.float32, 0.01, 0.1), jnp.float32(0.05)]
+    else:
+        fake += [jax.random.uniform(keys[1], arrays[1].shape, jnp.float32, 0.5, 2.0)]
+    x = jax.random.normal(keys[3], (m, k_in), jnp.float32).astype(dtype)
+    return x, fake
+
+
+def _choose(kind: str, m: int, w: QuantizedArray, dtype, *, interpret: bool, tuner=None) -> dict:
+    """Block sizes for kernel ``kind`` ("gemm", "gemv", "gemm_t") at M rows: measured once per
+    device, shape and dtype and cached on disk (``qlora_jax.kernels.autotune``) on a GPU; the
+    default otherwise (interpret mode, or ``QLORA_JAX_AUTOTUNE=0``)."""
+    from ..kernels import autotune, nf4_matmul
+
+    bucket = m if kind == "gemv" else max(32, 1 << (m - 1).bit_length())
+    candidates = _candidates(kind, bucket)
+    if tuner is None:
+        if interpret or jax.default_backend() != "gpu":
+            return candidates[0]
+        tuner = autotune.default_tuner()
+    _, static = _kernel_operands(w)
+    n, k = w.logical_shape
+    key = dict(m=bucket, n=n, k=k, dtype=jnp.dtype(dtype).name, double_quant=w.double_quant, **static)
+    fn = {"gemm": nf4_matmul.pallas_matmul, "gemv": nf4_matmul.pallas_gemv, "gemm_t": nf4_matmul.pallas_matmul_t}[kind]
+
+    def make(config):
+        x, fake = _random_like(w, bucket, n if kind == "gemm_t" else k, dtype)
+        return lambda: fn(x, *fake, **static, **config, interpret=interpret)
+
+    return tuner.best(f"nf4_matmul.{kind}", key, candidates, make)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _qmatmul_pallas(x2, w: QuantizedArray, interpret: bool):
     from ..kernels import nf4_matmul
@@ -74,9 +126,12 @@ def _qmatmul_pallas(x2, w: QuantizedArray, interpret: bool):
     m = x2.shape[0]
     if m <= nf4_matmul.GEMV_MAX_M:  # decode: the skinny kernel, rows padded to a power of two
         rows = 1 << (m - 1).bit_length()
-        y = nf4_matmul.pallas_gemv(jnp.pad(x2, ((0, rows - m), (0, 0))), *arrays, **static, interpret=interpret)
+        config = _choose("gemv", rows, w, x2.dtype, interpret=interpret)
+        y = nf4_matmul.pallas_gemv(jnp.pad(x2, ((0, rows - m), (0, 0))), *arrays, **static, **config,
+                                   interpret=interpret)
         return y[:m]
-    return nf4_matmul.pallas_matmul(x2, *arrays, **static, block_m=_block_m(m), interpret=interpret)
+    config = _choose("gemm", m, w, x2.dtype, interpret=interpret)
+    return nf4_matmul.pallas_matmul(x2, *arrays, **static, **config, interpret=interpret)
 
 
 def _pallas_fwd(x2, w, interpret):
@@ -87,7 +142,8 @@ def _pallas_bwd(interpret, w, dy):
     from ..kernels import nf4_matmul
 
     arrays, static = _kernel_operands(w)
-    dx = nf4_matmul.pallas_matmul_t(dy, *arrays, **static, block_m=_block_m(dy.shape[0]), interpret=interpret)
+    config = _choose("gemm_t", dy.shape[0], w, dy.dtype, interpret=interpret)
+    dx = nf4_matmul.pallas_matmul_t(dy, *arrays, **static, **config, interpret=interpret)
     return dx, None
 
 
