@@ -5,8 +5,14 @@ subpackage, never as a top-level ``kernels`` module: that name belongs to an exi
 package, which bitsandbytes itself tries to import.
 
 Each kernel lives next to a ``reference_*`` pure-jnp oracle and takes an ``interpret`` switch;
-kernels never import model code. The fused dequantize-matmul kernels arrive with the kernel issue;
-until then the quantized-linear op's XLA path (dequantize, then dot) serves.
+kernels never import model code.
+
+- ``nf4_matmul``: the fused 4-bit dequantize-matmul in Pallas (Triton lowering): GEMM, skinny
+  (decode) and dx kernels; ``qlora_jax.ops.qmatmul(backend="pallas")``.
+- ``triton_nf4``: the same GEMM as a plain Triton kernel, called through jax-triton
+  (``backend="triton"``, GPU only); imports Triton, nothing of jax-triton, so it runs under
+  Triton's interpreter and compiles for sm_90 without a GPU.
+- ``autotune``: block sizes measured on first use and cached on disk.
 """
 
 __all__: list[str] = []

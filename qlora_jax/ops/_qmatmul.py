@@ -6,8 +6,10 @@ Dispatch is by the weight's type and ``backend``, never by model code:
   skinny one for up to 16 rows (decode), the GEMM one above, and the dx kernel, never
   materialising the dequantized weight; weights whose K is not a multiple of
   the blocksize and of 64 take the XLA path;
-- ``auto``: pallas on GPU, the XLA path elsewhere (the native CPU kernel, ``cpu``, and the
-  jax-triton kernel, ``triton``, are not built yet and are refused by name).
+- ``triton``: the forward through the plain Triton kernel (``qlora_jax.kernels.triton_nf4``) via
+  jax-triton, GPU only, to compare the two lowering paths; dx through the Pallas dx kernel;
+- ``auto``: pallas on GPU, the XLA path elsewhere (the native CPU kernel, ``cpu``, is not built
+  yet and is refused by name).
 
 Gradients: with respect to ``x`` only (dx = dy @ dequant(W)); the frozen quantized weight gets a
 symbolic zero, so no gradient buffer of its size is ever made.
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 from ..quant import QuantizedArray, dequantize
 
 BACKENDS = ("auto", "pallas", "triton", "cpu", "xla")
-_BUILT = ("auto", "pallas", "xla")
+_BUILT = ("auto", "pallas", "triton", "xla")
 
 
 def _dot_t(x, w):
@@ -150,6 +152,22 @@ def _pallas_bwd(interpret, w, dy):
 _qmatmul_pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qmatmul_triton(x2, w: QuantizedArray, interpret: bool):
+    try:
+        from ..kernels.triton_nf4 import triton_matmul
+        import jax_triton  # noqa: F401  (imports only where a CUDA GPU is)
+    except Exception as e:
+        raise ValueError(f"backend='triton' runs the jax-triton kernel, which needs a CUDA GPU and the gpu extra "
+                         f"(pip install 'qlora_jax[gpu]'); here: {type(e).__name__}: {e}") from None
+    arrays, static = _kernel_operands(w)
+    config = _choose("gemm", x2.shape[0], w, x2.dtype, interpret=True)  # the untuned default
+    return triton_matmul(x2, *arrays, **static, **config)
+
+
+_qmatmul_triton.defvjp(lambda x2, w, interpret: (_qmatmul_triton(x2, w, interpret), w), _pallas_bwd)
+
+
 def resolve_backend(backend: str, w) -> str:
     """The backend that will run: ``auto`` is pallas on GPU for a weight the kernel takes, else
     xla; a named kernel backend falls back to xla for weights it does not take."""
@@ -157,7 +175,7 @@ def resolve_backend(backend: str, w) -> str:
         return "dense"
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "xla"
-    if backend == "pallas":
+    if backend in ("pallas", "triton"):
         from ..kernels import nf4_matmul
 
         if not nf4_matmul.supported(w.logical_shape[1], w.blocksize):
@@ -195,8 +213,10 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
     if w.batch_shape or len(w.logical_shape) != 2 or w.logical_shape[1] != x.shape[-1]:
         raise ValueError(f"QuantizedArray of shape {w.shape} does not fit input [..., {x.shape[-1]}]; "
                          "expected an unstacked [out, in] weight (map stacked ones with nnx.scan / jax.vmap)")
-    if resolve_backend(backend, w) == "pallas":
+    chosen = resolve_backend(backend, w)
+    if chosen in ("pallas", "triton"):
         lead = x.shape[:-1]
-        y = _qmatmul_pallas(x.reshape(-1, x.shape[-1]), w, interpret)
+        fn = _qmatmul_pallas if chosen == "pallas" else _qmatmul_triton
+        y = fn(x.reshape(-1, x.shape[-1]), w, interpret)
         return y.reshape(*lead, w.logical_shape[0])
     return _qmatmul_xla(x, w)
