@@ -18,6 +18,7 @@ symbolic zero, so no gradient buffer of its size is ever made.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -192,7 +193,9 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
       w: a dense array [out, in] (plain dot) or an unstacked QuantizedArray [out, in]; a stacked
         one is taken slice by slice by the caller's ``nnx.scan`` / ``jax.vmap``.
       backend: "auto" | "pallas" | "triton" | "cpu" | "xla" (quantization config key ``kernel``).
-      interpret: run a Pallas kernel in interpret mode (kernel backends).
+      interpret: run a Pallas kernel in interpret mode (kernel backends); also on when the
+        environment sets ``QLORA_JAX_PALLAS_INTERPRET=1``, so whole models run the kernels on CPU
+        (tests).
       threshold: the LLM.int8() outlier threshold, for 8-bit weights only.
 
     Returns:
@@ -214,6 +217,7 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
         raise ValueError(f"QuantizedArray of shape {w.shape} does not fit input [..., {x.shape[-1]}]; "
                          "expected an unstacked [out, in] weight (map stacked ones with nnx.scan / jax.vmap)")
     chosen = resolve_backend(backend, w)
+    interpret = interpret or os.environ.get("QLORA_JAX_PALLAS_INTERPRET") == "1"
     if chosen in ("pallas", "triton"):
         lead = x.shape[:-1]
         fn = _qmatmul_pallas if chosen == "pallas" else _qmatmul_triton
