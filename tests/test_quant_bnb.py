@@ -45,6 +45,7 @@ def test_code_tables_match_bitsandbytes():
         if qt == "fp4":
             np.testing.assert_array_equal(_tables.FP4_ORDER, order.numpy())
     assert _tables.DYNAMIC_MAP.tobytes() == F.create_dynamic_map().numpy().tobytes()
+    assert _tables.UDYNAMIC_MAP.tobytes() == F.create_dynamic_map(signed=False).numpy().tobytes()
 
 
 def _check_against_bnb(t: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool,
