@@ -119,8 +119,9 @@ def _print_run_estimate(args, ckpt) -> None:
           f"all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     kw = dict(batch_size=t.per_device_train_batch_size, seq_length=d.max_seq_length,
               micro_batches=t.gradient_accumulation_steps)
+    kw["optimizer"] = t.optim
     print(f"estimated peak device memory of a training step (batch {kw['batch_size']} x "
-          f"{kw['micro_batches']} micro-batches x {kw['seq_length']} tokens, {config.model.dtype}, AdamW):")
+          f"{kw['micro_batches']} micro-batches x {kw['seq_length']} tokens, {config.model.dtype}, {t.optim}):")
     print(estimate_memory(model, gradient_checkpointing=bool(t.gradient_checkpointing), **kw))
     other = estimate_memory(model, gradient_checkpointing=not t.gradient_checkpointing, **kw)
     size = f"{other.total / 2**30:.2f} GiB" if other.total >= 2**30 else f"{other.total / 2**20:.2f} MiB"

@@ -21,10 +21,9 @@ import yaml
 
 from .lora import LoraConfig
 from .quant import QuantConfig
-from .train import SCHEDULES
+from .train import OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("adamw",)
-REPORTERS = ("tensorboard",)  # training.report_to: where metrics go besides metrics.jsonl  # paged_adamw_32bit / paged_adamw_8bit / adamw_8bit arrive with the paged optimizer
+REPORTERS = ("tensorboard",)  # training.report_to: where metrics go besides metrics.jsonl
 
 
 def _positive(section: str, **values):
@@ -108,7 +107,7 @@ class TrainingConfig:
             raise ValueError(f"training.lr_scheduler_type={self.lr_scheduler_type!r} is not supported; expected one "
                              f"of {SCHEDULES}")
         if self.optim not in OPTIMIZERS:
-            raise ValueError(f"training.optim={self.optim!r} is not supported (yet); expected one of {OPTIMIZERS}")
+            raise ValueError(f"training.optim={self.optim!r} is not supported; expected one of {OPTIMIZERS}")
         for key in ("warmup_ratio", "adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"training.{key}={getattr(self, key)!r} must be in [0, 1)")

@@ -46,7 +46,7 @@ def test_defaults_and_overrides(tmp_path):
     (["training.gradient_checkpointing=maybe"], "training.gradient_checkpointing: expected true or false"),
     (["training.learning_rate=-1"], r"training.learning_rate=-1.0 must be positive"),
     (["training.warmup_ratio=1.5"], r"training.warmup_ratio=1.5 must be in \[0, 1\)"),
-    (["training.optim=paged_adamw_8bit"], "training.optim='paged_adamw_8bit' is not supported"),
+    (["training.optim=adafactor"], r"training.optim='adafactor' is not supported; expected one of \('adamw'"),
     (["training.lr_scheduler_type=polynomial"], "training.lr_scheduler_type='polynomial' is not supported"),
     (["lora.r=0"], "lora: r=0 must be a positive integer"),
     (["lora.lora_dropout=1"], r"lora: lora_dropout=1.0 must be in \[0, 1\)"),

@@ -210,3 +210,14 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
     _drop_metrics_after(path, 4)  # the run died at step 7, its last checkpoint is step 4
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_paged_8bit_optimizer_checkpoints_and_resumes_bit_identically(setup):
+    """optim=paged_adamw_8bit (r=32: 8-bit moments) through Orbax: 6 steps straight vs 3, stop,
+    resume to 6 give the same adapter bytes; the restored state goes back to host memory."""
+    extra = ("training.optim=paged_adamw_8bit", "lora.r=32")
+    straight, interrupted = setup[2] / "paged_straight", setup[2] / "paged_interrupted"
+    train(_config(setup, straight, *extra), log=lambda *_: None)
+    train(_config(setup, interrupted, *extra), stop_after_steps=3, log=lambda *_: None)
+    assert train(_config(setup, interrupted, *extra), log=lambda *_: None)["step"] == 6
+    assert _adapter_bytes(straight) == _adapter_bytes(interrupted)

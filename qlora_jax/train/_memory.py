@@ -270,8 +270,10 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
         ``jax.checkpoint_policies`` name overrides it. Policies other than ``nothing_saveable``
         and ``everything_saveable`` save part of each layer and are estimated as no checkpointing
         (an upper bound); so are unrolled layers (see ``MemoryEstimate.notes``).
-      optimizer: "adamw" (mu and nu in the adapters' dtype, as optax keeps them), "sgd" (no
-        state), or an optax ``GradientTransformation`` whose state is sized by ``jax.eval_shape``.
+      optimizer: a ``training.optim`` name (``adamw``: mu and nu in the adapters' dtype;
+        ``adamw_8bit``; ``paged_adamw_32bit`` / ``paged_adamw_8bit``: a paged state counts one
+        chunk on the device), "sgd" (no state), or an optax
+        ``GradientTransformation`` whose state is sized by ``jax.eval_shape``.
     """
     from ..lora import LoraParam
     from ..quant import QuantizedArray
@@ -298,18 +300,34 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
     # make_train_step: one micro-batch's gradient in the adapters' dtype and, when there are several
     # micro-batches, the fp32 accumulator (XLA folds a single-trip accumulation loop away).
     gradients = adapter_bytes + (trainable_numel * _F32 if m > 1 else 0)
-    if optimizer == "adamw":
-        opt = 2 * adapter_bytes + 2 * 4  # mu and nu; the step counts of Adam and of the schedule
-    elif optimizer in ("sgd", None):
+    notes: tuple[str, ...] = ()
+    if isinstance(optimizer, str) and optimizer != "sgd":
+        from ._optim import OPTIMIZERS, make_optimizer
+
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not supported; expected 'sgd' or one of {OPTIMIZERS}")
+        optimizer = make_optimizer(1e-4, num_training_steps=1, optim=optimizer)
+    if optimizer in ("sgd", None):
         opt = 0
     elif hasattr(optimizer, "init"):
-        opt = _nbytes(jax.eval_shape(optimizer.init, nnx.state(model, LoraParam)))
+        from ._paged import PagedState
+
+        state = jax.eval_shape(optimizer.init, nnx.state(model, LoraParam))
+        paged = [c for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, PagedState))
+                 if isinstance(node, PagedState) for c in node.chunks]
+        opt = _nbytes(state)
+        if paged:  # in host memory between steps; one chunk at a time on the device
+            host = sum(_nbytes(c) for c in paged)
+            opt = opt - host + max(_nbytes(c) for c in paged)
+            notes += (f"paged optimizer: {host / 2**20:,.1f} MiB of state in host memory between steps, at most one "
+                      f"chunk ({opt / 2**20:,.2f} MiB) on the device during the update",)
     else:
-        raise ValueError(f"optimizer={optimizer!r} is not supported; expected 'adamw', 'sgd' or an optax "
-                         "GradientTransformation")
+        raise ValueError(f"optimizer={optimizer!r} is not supported; expected 'adamw', 'sgd', an `optim` name or an "
+                         "optax GradientTransformation")
     batch = 3 * m * n * 4 + rng  # input_ids, attention_mask, labels: int32
 
-    remat, notes = _checkpointing(model, gradient_checkpointing)
+    remat, remat_notes = _checkpointing(model, gradient_checkpointing)
+    notes += remat_notes
     adapters = _adapters(model)
     layers = [_layer_buffers(cfg, b, s, act, [a for a in adapters if a.proj != "lm_head"
                                               and (a.stacked or (a.layer == li and a.layer is not None))], quantized)

@@ -57,13 +57,32 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: _EmptyState(), update)
 
 
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")  # transformers' `optim` names
+
+
 def make_optimizer(learning_rate: float = 2e-4, *, num_training_steps: int, lr_scheduler_type: str = "constant",
                    warmup_steps: int = 0, warmup_ratio: float = 0.0, weight_decay: float = 0.0,
                    adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_epsilon: float = 1e-8,
-                   max_grad_norm: float | None = 0.3) -> optax.GradientTransformation:
+                   max_grad_norm: float | None = 0.3, optim: str = "adamw") -> optax.GradientTransformation:
     """Global-norm clipping (QLoRA's 0.3 by default; None or 0 disables it), then AdamW with
-    decoupled weight decay and the schedule, as transformers' Trainer with ``optim="adamw"``."""
+    decoupled weight decay and the schedule, as transformers' Trainer with ``optim``:
+
+    - ``adamw``: fp32 moments on the device;
+    - ``adamw_8bit``: bitsandbytes' 8-bit blockwise moments (``adamw_8bit``), on the device;
+    - ``paged_adamw_32bit`` / ``paged_adamw_8bit``: the same, kept in host memory between steps
+      and brought to the device leaf by leaf for the update (``paged``).
+
+    Every variant updates leaf by leaf (one inner state per parameter leaf), so a paged optimizer
+    and its on-device twin run the same arithmetic: their results are equal bit for bit.
+    """
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"optim={optim!r} is not supported; expected one of {OPTIMIZERS}")
+    from ._optim8bit import adamw_8bit
+    from ._paged import paged
+
     schedule = make_schedule(learning_rate, lr_scheduler_type, num_training_steps=num_training_steps,
                              warmup_steps=warmup_steps, warmup_ratio=warmup_ratio)
-    adamw = optax.adamw(schedule, b1=adam_beta1, b2=adam_beta2, eps=adam_epsilon, weight_decay=weight_decay)
+    kw = dict(b1=adam_beta1, b2=adam_beta2, eps=adam_epsilon, weight_decay=weight_decay)
+    inner = adamw_8bit(schedule, **kw) if optim.endswith("8bit") else optax.adamw(schedule, **kw)
+    adamw = paged(inner, offload=optim.startswith("paged"))
     return optax.chain(clip_by_global_norm_torch(max_grad_norm), adamw) if max_grad_norm else adamw

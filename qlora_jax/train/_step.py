@@ -60,8 +60,11 @@ def init_loss_scale(init_scale: float = 2.0 ** 16) -> LossScaleState:
 
 def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, loss_scaling: bool = False,
                    init_scale: float = 2.0 ** 16):
-    """The optimizer state the step expects: with ``loss_scaling``, (LossScaleState, optax state)."""
-    state = optimizer.init(trainable)
+    """The optimizer state the step expects: with ``loss_scaling``, (LossScaleState, optax state).
+    Paged parts (``paged_adamw_*``) are placed in host memory."""
+    from ._paged import place_on_host
+
+    state = place_on_host(optimizer.init(trainable))
     return (init_loss_scale(init_scale), state) if loss_scaling else state
 
 
@@ -116,12 +119,18 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rng
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate: bool = True,
-                    growth_interval: int = 2000, in_shardings=None, out_shardings=None):
+                    growth_interval: int = 2000, in_shardings=None, out_shardings=None, opt_state=None):
     """``step(trainable, rngs, frozen, opt_state, batch) -> (trainable, rngs, opt_state, metrics)``,
     jitted, with the adapters, RNG state and optimizer state donated. ``in_shardings`` /
     ``out_shardings`` (as ``jax.jit`` takes them, one entry per argument / result) place the step
-    on a mesh; None leaves placement to the inputs (one device)."""
+    on a mesh; None leaves placement to the inputs (one device). ``opt_state`` (the placed state
+    from ``init_opt_state``) declares a paged state's host memory to the step."""
     fn = functools.partial(train_step, graphdef, optimizer, growth_interval=growth_interval)
+    if opt_state is not None and in_shardings is None:  # name the host placement of paged state
+        from ._paged import state_shardings
+
+        in_shardings = (None, None, None, state_shardings(opt_state), None)
+        out_shardings = (None, None, state_shardings(opt_state), None)
     kw = {}
     if in_shardings is not None:
         kw["in_shardings"] = in_shardings

@@ -31,6 +31,7 @@ from ..lora import apply_lora, save_adapter
 from ..models import from_pretrained
 from ._loss import IGNORE_INDEX, causal_lm_loss_sum
 from ._optim import make_optimizer, make_schedule, warmup_steps_for
+from ._paged import place_on_host
 from ._step import init_opt_state, make_train_step, split_model, update_model
 
 if TYPE_CHECKING:  # qlora_jax.config imports this package (its schedules): no import cycle at run time
@@ -115,7 +116,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     tx = make_optimizer(t.learning_rate, num_training_steps=total_steps, lr_scheduler_type=t.lr_scheduler_type,
                         warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
-                        max_grad_norm=t.max_grad_norm or None)
+                        max_grad_norm=t.max_grad_norm or None, optim=t.optim)
     parts = split_model(model)
     fp16 = config.model.dtype == "float16"
     trainable, rngs = parts.trainable, parts.rngs
@@ -126,6 +127,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
         step = checkpointer.latest_step()
         restored, meta = checkpointer.restore(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state})
         trainable, rngs, opt_state = restored["trainable"], restored["rngs"], restored["opt_state"]
+        opt_state = place_on_host(opt_state)  # a paged state goes back to host memory
         position = DataPosition(meta["epoch"], meta["batch"])
         _drop_metrics_after(out / "metrics.jsonl", step)  # steps past the checkpoint are trained again
         if meta.get("stopped_early"):
@@ -133,7 +135,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     stream = iterate_batches(data, batch_size=t.per_device_train_batch_size, micro_batches=t.gradient_accumulation_steps,
                              max_seq_length=d.max_seq_length, pad_token_id=tokenizer.pad_token_id, seed=config.seed,
                              start=position, group_by_length=t.group_by_length)
-    train_step = make_train_step(parts.graphdef, tx)
+    train_step = make_train_step(parts.graphdef, tx, opt_state=opt_state)
     eval_every = t.eval_steps or t.logging_steps
 
     def evaluate() -> dict:
