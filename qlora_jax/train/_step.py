@@ -59,12 +59,16 @@ def init_loss_scale(init_scale: float = 2.0 ** 16) -> LossScaleState:
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, loss_scaling: bool = False,
-                   init_scale: float = 2.0 ** 16):
+                   init_scale: float = 2.0 ** 16, sharding=None):
     """The optimizer state the step expects: with ``loss_scaling``, (LossScaleState, optax state).
-    Paged parts (``paged_adamw_*``) are placed in host memory."""
+    ``sharding`` places every leaf (a mesh's replication, say); paged parts (``paged_adamw_*``)
+    then go to host memory."""
     from ._paged import place_on_host
 
-    state = place_on_host(optimizer.init(trainable))
+    state = optimizer.init(trainable)
+    if sharding is not None:
+        state = jax.tree.map(lambda x: jax.device_put(x, sharding), state)
+    state = place_on_host(state)
     return (init_loss_scale(init_scale), state) if loss_scaling else state
 
 

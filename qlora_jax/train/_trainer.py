@@ -110,7 +110,14 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
         fill = sum(len(r) for r in data.input_ids) / (len(data.input_ids) * d.max_seq_length)
         say(f"packed {n_examples} examples into {len(data.input_ids)} rows of {d.max_seq_length} tokens "
             f"({100 * fill:.1f}% filled)")
-    per_epoch = batches_per_epoch(len(data.input_ids), t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    mesh = None
+    if jax.device_count() > 1:  # data parallel over every device (sharding.make_mesh refuses the rest for now)
+        from ..sharding import make_mesh
+
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch = t.per_device_train_batch_size * dp  # as transformers: per device, times the devices
+    per_epoch = batches_per_epoch(len(data.input_ids), global_batch, t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * per_epoch))
 
     tx = make_optimizer(t.learning_rate, num_training_steps=total_steps, lr_scheduler_type=t.lr_scheduler_type,
@@ -118,9 +125,19 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
                         max_grad_norm=t.max_grad_norm or None, optim=t.optim)
     parts = split_model(model)
+    put_batch = jnp.asarray
+    if mesh is not None:
+        from ..sharding import batch_sharding, place, replicated
+
+        parts = parts._replace(**{k: place(getattr(parts, k), replicated(mesh))
+                                  for k in ("trainable", "rngs", "frozen")})
+        update_model(model, parts.trainable, parts.rngs)
+        nnx.update(model, parts.frozen)
+        put_batch = lambda v: jax.device_put(v, batch_sharding(mesh))  # noqa: E731
     fp16 = config.model.dtype == "float16"
     trainable, rngs = parts.trainable, parts.rngs
-    opt_state = init_opt_state(tx, trainable, loss_scaling=fp16)
+    opt_state = init_opt_state(tx, trainable, loss_scaling=fp16,
+                               sharding=None if mesh is None else replicated(mesh))
     checkpointer = RunCheckpointer(out / "checkpoints", max_to_keep=t.save_total_limit)
     step, position, meta = 0, DataPosition(), {}
     if resume and checkpointer.latest_step() is not None:
@@ -132,7 +149,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
         _drop_metrics_after(out / "metrics.jsonl", step)  # steps past the checkpoint are trained again
         if meta.get("stopped_early"):
             total_steps = step  # the run ended by early stopping: nothing more to train
-    stream = iterate_batches(data, batch_size=t.per_device_train_batch_size, micro_batches=t.gradient_accumulation_steps,
+    stream = iterate_batches(data, batch_size=global_batch, micro_batches=t.gradient_accumulation_steps,
                              max_seq_length=d.max_seq_length, pad_token_id=tokenizer.pad_token_id, seed=config.seed,
                              start=position, group_by_length=t.group_by_length)
     train_step = make_train_step(parts.graphdef, tx, opt_state=opt_state)
@@ -140,13 +157,14 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
 
     def evaluate() -> dict:
         return evaluate_loss(parts.graphdef, trainable, rngs, parts.frozen, eval_data,
-                             batch_size=t.per_device_train_batch_size, max_seq_length=d.max_seq_length,
+                             batch_size=global_batch, max_seq_length=d.max_seq_length,
                              pad_token_id=tokenizer.pad_token_id)
     summary = {}
     if eval_data is not None and t.eval_exact_match and step == 0:
         summary["before"] = {**evaluate(), **evaluate_exact_match(model, tokenizer, eval_records, d.format, fields)}
         say(f"before training: eval_loss {summary['before']['eval_loss']:.4f}, exact match "
-            f"{100 * summary['before']['exact_match']:.1f}% on {summary['before']['num_eval_prompts']} held-out prompts")
+            f"{100 * summary['before']['exact_match']:.1f}% on {summary['before']['num_eval_prompts']} "
+            "held-out prompts")
     schedule = make_schedule(t.learning_rate, t.lr_scheduler_type, num_training_steps=total_steps,
                              warmup_steps=warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio))
     stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_threshold, **meta.get("early_stopping", {}))
@@ -162,7 +180,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
         while step < total_steps:
             position, batch = next(stream)
             trainable, rngs, opt_state, m = train_step(trainable, rngs, parts.frozen, opt_state,
-                                                       {k: jnp.asarray(v) for k, v in batch.items()})
+                                                       {k: put_batch(v) for k, v in batch.items()})
             step += 1
             loss = float(m["loss"])
             if not np.isfinite(loss) and not (fp16 and bool(m.get("skipped", False))):
@@ -357,7 +375,9 @@ def evaluate_loss(graphdef, trainable, rngs, frozen, data, *, batch_size: int, m
         chunk = Tokenized(data.input_ids[start:start + batch_size], data.labels[start:start + batch_size], 0)
         _, batch = next(iterate_batches(chunk, batch_size=len(chunk.input_ids), max_seq_length=max_seq_length,
                                         pad_token_id=pad_token_id, shuffle=False))
-        s, n = _eval_sums(graphdef, trainable, rngs, frozen, {k: jnp.asarray(v[0]) for k, v in batch.items()})
+        replica = jax.tree.leaves(trainable)[0].sharding  # the batch goes where the weights are (all devices)
+        s, n = _eval_sums(graphdef, trainable, rngs, frozen,
+                          {k: jax.device_put(v[0], replica) for k, v in batch.items()})
         total, count = total + float(s), count + int(n)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
