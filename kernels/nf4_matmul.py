@@ -100,6 +100,13 @@ def _load_absmax(scale_refs, row0: int, block: int, kb, ok, kb_count: int, neste
     return _two_roundings(scale, pltriton.load(offset_ref.at[pl.ds(0, 1)]))  # [1]: broadcasts
 
 
+def _weight_tile(c: jax.Array, a: jax.Array, quant_type: str, dtype) -> jax.Array:
+    """Bytes [rows, block_k/2] and their rows' absmax [rows] -> the weight tile [rows, block_k]
+    in ``dtype``: code values, nibbles interleaved (high first), ``value * absmax`` in fp32."""
+    w = jnp.stack([code_values(c >> 4, quant_type), code_values(c & 0xF, quant_type)], axis=-1)
+    return (w.reshape(c.shape[0], 2 * c.shape[1]) * a[:, None]).astype(dtype)
+
+
 def _kernel(x_ref, codes_ref, *refs, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
             blocksize: int, quant_type: str, nested_blocksize: int | None):
     *scale_refs, o_ref = refs
@@ -116,8 +123,7 @@ def _kernel(x_ref, codes_ref, *refs, m: int, n: int, k: int, block_m: int, block
                           mask=col_ok[:, None], other=0)
         a = _load_absmax(scale_refs, j * block_n, block_n, k0 // blocksize, col_ok, k // blocksize,
                          nested_blocksize)
-        w = jnp.stack([code_values(c >> 4, quant_type), code_values(c & 0xF, quant_type)], axis=-1)
-        w = (w.reshape(block_n, block_k) * a[:, None]).astype(x.dtype)
+        w = _weight_tile(c, a, quant_type, x.dtype)
         return acc + pltriton.dot(x, w, trans_b=True)
 
     acc = jax.lax.fori_loop(0, k // block_k, step, jnp.zeros((block_m, block_n), jnp.float32))
@@ -135,21 +141,22 @@ _STATIC = ("quant_type", "blocksize", "nested_blocksize", "block_m", "block_n", 
 
 
 def _scale_operands(n: int, k: int, absmax, nested_absmax, offset, blocksize: int, nested_blocksize):
-    """Checked scale operands for the kernels: (absmax fp32,) or (codes, nested, offset[1], map)."""
+    """Checked scale operands for the kernels, and the nested blocksize they use (None without
+    double quantization): ((absmax fp32,), None) or ((codes, nested, offset[1], map), nested_blocksize)."""
     if k % 2 or absmax.shape != (n, k // blocksize):
         raise ValueError(f"absmax of shape {absmax.shape} does not fit a [{n}, {k}] weight with blocksize {blocksize}; "
                          f"expected ({n}, {k // blocksize})")
     if not supported(k, blocksize):
         raise ValueError(f"K={k} is not a multiple of the blocksize {blocksize} and of 64: use the XLA path")
     if nested_absmax is None:
-        return (absmax.astype(jnp.float32),)
+        return (absmax.astype(jnp.float32),), None
     if absmax.dtype != jnp.uint8 or nested_blocksize is None or offset is None:
         raise ValueError("double quantization needs uint8 absmax codes, nested_absmax, offset and nested_blocksize")
     expected = -(-absmax.size // nested_blocksize)
     if nested_absmax.size != expected:
         raise ValueError(f"nested_absmax has {nested_absmax.size} values; expected {expected}")
     return (absmax, nested_absmax.reshape(-1).astype(jnp.float32), jnp.reshape(offset, (1,)).astype(jnp.float32),
-            jnp.asarray(DYNAMIC_MAP, jnp.float32))
+            jnp.asarray(DYNAMIC_MAP, jnp.float32)), nested_blocksize
 
 
 def _check_blocks(block_m: int, block_n: int, quant_type: str) -> None:
@@ -176,8 +183,7 @@ def pallas_matmul(x: jax.Array, codes: jax.Array, absmax: jax.Array, nested_absm
     n = codes.shape[0]
     if codes.shape != (n, k // 2):
         raise ValueError(f"codes of shape {codes.shape} do not fit x {x.shape}; expected ({n}, {k // 2})")
-    nbs = nested_blocksize if nested_absmax is not None else None
-    scales = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nbs)
+    scales, nbs = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nested_blocksize)
     block_k = min(64, blocksize)
     kernel = functools.partial(_kernel, m=m, n=n, k=k, block_m=block_m, block_n=block_n, block_k=block_k,
                                blocksize=blocksize, quant_type=quant_type, nested_blocksize=nbs)
@@ -219,8 +225,7 @@ def _kernel_t(dy_ref, codes_ref, *refs, m: int, n: int, k: int, block_m: int, bl
         c = pltriton.load(codes_ref.at[pl.ds(n0, block_n), pl.ds(k0 // 2, block_k // 2)], mask=w_ok[:, None],
                           other=0)
         a = _load_absmax(scale_refs, n0, block_n, k0 // blocksize, w_ok, k // blocksize, nested_blocksize)
-        w = jnp.stack([code_values(c >> 4, quant_type), code_values(c & 0xF, quant_type)], axis=-1)
-        w = (w.reshape(block_n, block_k) * a[:, None]).astype(g.dtype)
+        w = _weight_tile(c, a, quant_type, g.dtype)
         return acc + pltriton.dot(g, w)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(n, block_n), step, jnp.zeros((block_m, block_k), jnp.float32))
@@ -240,8 +245,7 @@ def pallas_matmul_t(dy: jax.Array, codes: jax.Array, absmax: jax.Array, nested_a
     k = codes.shape[1] * 2
     if codes.shape[0] != n:
         raise ValueError(f"codes of shape {codes.shape} do not fit dy {dy.shape}; expected {n} rows")
-    nbs = nested_blocksize if nested_absmax is not None else None
-    scales = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nbs)
+    scales, nbs = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nested_blocksize)
     block_k = min(64, blocksize)
     kernel = functools.partial(_kernel_t, m=m, n=n, k=k, block_m=block_m, block_n=block_n, block_k=block_k,
                                blocksize=blocksize, quant_type=quant_type, nested_blocksize=nbs)
@@ -272,8 +276,7 @@ def _kernel_gemv(x_ref, codes_ref, *refs, m: int, n: int, k: int, block_n: int, 
                           mask=col_ok[:, None], other=0)
         a = _load_absmax(scale_refs, j * block_n, block_n, k0 // blocksize, col_ok, k // blocksize,
                          nested_blocksize)
-        w = jnp.stack([code_values(c >> 4, quant_type), code_values(c & 0xF, quant_type)], axis=-1)
-        w = (w.reshape(block_n, block_k) * a[:, None]).astype(x_ref.dtype).astype(jnp.float32)
+        w = _weight_tile(c, a, quant_type, x_ref.dtype).astype(jnp.float32)
         return acc + jnp.sum(x[:, None, :] * w[None, :, :], axis=-1)
 
     acc = jax.lax.fori_loop(0, k // block_k, step, jnp.zeros((m, block_n), jnp.float32))
@@ -298,8 +301,7 @@ def pallas_gemv(x: jax.Array, codes: jax.Array, absmax: jax.Array, nested_absmax
         raise ValueError(f"pallas_gemv takes M a power of two <= {GEMV_MAX_M} rows; got M={m}")
     if codes.shape != (n, k // 2):
         raise ValueError(f"codes of shape {codes.shape} do not fit x {x.shape}; expected ({n}, {k // 2})")
-    nbs = nested_blocksize if nested_absmax is not None else None
-    scales = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nbs)
+    scales, nbs = _scale_operands(n, k, absmax, nested_absmax, offset, blocksize, nested_blocksize)
     kernel = functools.partial(_kernel_gemv, m=m, n=n, k=k, block_n=block_n, block_k=min(64, blocksize),
                                blocksize=blocksize, quant_type=quant_type, nested_blocksize=nbs)
     return pl.pallas_call(

@@ -107,3 +107,21 @@ def hf_model_on_our_base(model, checkpoint, **kwargs):
                 stacked = model.scan_layers and path[0] == "layers"
                 state[name + ".weight"].copy_(torch.from_numpy(np.ascontiguousarray(w[layer] if stacked else w)))
     return hf
+
+
+def write_reverse_task(root):
+    """A tiny Llama checkpoint and 64 "reverse abcd:" -> " dcba" records (JSONL) under ``root``:
+    the trainer and fault tests' run. Returns (checkpoint, data file)."""
+    import json
+
+    from qlora_jax.models import write_tiny_checkpoint
+
+    base = write_tiny_checkpoint(root / "base", "llama", num_hidden_layers=2)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(64):
+        word = "".join(rng.choice(list("abcdef"), 4))
+        rows.append({"prompt": f"reverse {word}:", "completion": f" {word[::-1]}"})
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return base, data

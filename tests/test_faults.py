@@ -22,8 +22,9 @@ from safetensors import SafetensorError
 from qlora_jax.checkpoint import RunCheckpointer, is_disk_full
 from qlora_jax.config import load_config
 from qlora_jax.lora import _peft
-from qlora_jax.models import write_tiny_checkpoint
 from qlora_jax.train import train
+
+from bnb_ref import write_reverse_task
 
 TMP = ".orbax-checkpoint-tmp"  # Orbax writes step N into N.orbax-checkpoint-tmp, renamed to N when complete
 
@@ -54,15 +55,7 @@ train(load_config(None, overrides), log=print)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    base = write_tiny_checkpoint(root / "base", "llama", num_hidden_layers=2)
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(64):
-        word = "".join(rng.choice(list("abcdef"), 4))
-        rows.append({"prompt": f"reverse {word}:", "completion": f" {word[::-1]}"})
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return base, data, root
+    return (*write_reverse_task(root), root)
 
 
 def _overrides(setup, out, *extra) -> list[str]:

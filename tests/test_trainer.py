@@ -7,22 +7,15 @@ import pytest
 
 from qlora_jax import cli
 from qlora_jax.config import load_config
-from qlora_jax.models import write_tiny_checkpoint
 from qlora_jax.train import train
+
+from bnb_ref import write_reverse_task
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
-    base = write_tiny_checkpoint(root / "base", "llama", num_hidden_layers=2)
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(64):
-        word = "".join(rng.choice(list("abcdef"), 4))
-        rows.append({"prompt": f"reverse {word}:", "completion": f" {word[::-1]}"})
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return base, data, root
+    return (*write_reverse_task(root), root)
 
 
 def _config(setup, out, *extra):

@@ -131,8 +131,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
 
         parts = parts._replace(**{k: place(getattr(parts, k), replicated(mesh))
                                   for k in ("trainable", "rngs", "frozen")})
-        update_model(model, parts.trainable, parts.rngs)
-        nnx.update(model, parts.frozen)
+        nnx.update(model, parts.trainable, parts.rngs, parts.frozen)  # generation uses the placed weights too
         put_batch = lambda v: jax.device_put(v, batch_sharding(mesh))  # noqa: E731
     fp16 = config.model.dtype == "float16"
     trainable, rngs = parts.trainable, parts.rngs
