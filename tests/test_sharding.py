@@ -1,93 +1,60 @@
 """Multi-device training on 8 forced CPU devices (in a subprocess: the device count is fixed when
-JAX starts): data parallelism equals the single-device run up to reduction order."""
+JAX starts): data, FSDP and tensor parallelism equal the single-device run up to reduction order;
+the partition rules on abstract meshes."""
 
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from qlora_jax.sharding import mesh_shape
 
-SCRIPT = textwrap.dedent('''
-    import json, sys
-    import jax, jax.numpy as jnp, numpy as np
-    import qlora_jax
-    from qlora_jax.models import write_tiny_llama
-    from qlora_jax.sharding import batch_sharding, make_mesh, place, replicated
-    from qlora_jax.train import init_opt_state, make_optimizer, make_train_step, split_model
-
-    assert jax.device_count() == 8
-    LR = 1e-2
-    path = write_tiny_llama(sys.argv[1] + "/tiny")
-    out = {}
-    for name in ("single", "data8"):
-        model = qlora_jax.from_pretrained(path, quantization=qlora_jax.QuantConfig(compute_dtype="float32"),
-                                          gradient_checkpointing=True)
-        qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False),
-                             seed=0)
-        parts = split_model(model)
-        if sys.argv[2] == "sgd":  # the update is the gradient itself
-            import optax
-            tx = optax.sgd(1.0)
-        else:
-            tx = make_optimizer(LR, num_training_steps=10, weight_decay=0.01, max_grad_norm=0.3, optim=sys.argv[2])
-        trainable, rngs, frozen = parts.trainable, parts.rngs, parts.frozen
-        sharding = None
-        if name == "data8":
-            mesh = make_mesh(data=-1)
-            sharding = replicated(mesh)
-            trainable, rngs, frozen = (place(t, sharding) for t in (trainable, rngs, frozen))
-        opt_state = init_opt_state(tx, trainable, sharding=sharding)
-        step = make_train_step(parts.graphdef, tx, opt_state=opt_state)
-        rng = np.random.default_rng(0)
-        losses = []
-        for _ in range(10):
-            ids = rng.integers(3, 250, (2, 8, 32)).astype(np.int32)
-            batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
-            batch = {k: jax.device_put(v, batch_sharding(mesh)) if name == "data8" else jnp.asarray(v)
-                     for k, v in batch.items()}
-            trainable, rngs, opt_state, m = step(trainable, rngs, frozen, opt_state, batch)
-            losses.append(float(m["loss"]))
-        leaf = jax.tree.leaves(trainable)[0]
-        out[name] = {"losses": losses, "adapters": [np.asarray(x).tolist() for x in jax.tree.leaves(trainable)],
-                     "devices": len(leaf.sharding.device_set),
-                     "state_kinds": sorted({x.sharding.memory_kind for x in jax.tree.leaves(opt_state)}),
-                     "state_devices": sorted({len(x.sharding.device_set) for x in jax.tree.leaves(opt_state)})}
-    json.dump(out, open(sys.argv[1] + "/out.json", "w"))
-''')
+MESHES = ["8,1,1", "1,8,1", "2,4,1", "1,4,2"]  # data x fsdp x tensor
 
 
 @pytest.mark.parametrize("optim", ["sgd", "paged_adamw_32bit"])
-def test_data_parallel_equals_single_device(tmp_path, optim):
-    """data=8 against one device, 10 steps: the same losses; with SGD (update = gradient) the same
-    adapters to fp32 reduction order. With (paged) Adam, whose normalised step turns a
+def test_sharded_training_equals_single_device(tmp_path, optim):
+    """10 QLoRA steps on one device and on 8 devices as data=8, fsdp=8, data=2 x fsdp=4 and
+    tensor=2 x fsdp=4 (tests/_sharded_run.py): the same losses; with SGD (update = gradient) the
+    same adapters to fp32 reduction order. With (paged) Adam, whose normalised step turns a
     rounding-level change of a near-zero gradient into a change of up to one learning rate, the
-    adapters agree to a small fraction of one step (seen: 1.4% of lr = 1e-2 after 10 steps)."""
+    adapters agree to a small fraction of one step (seen: up to 1.4% of lr = 1e-2 after 10 steps).
+    The base, adapters and optimizer state are split as the mesh says, the state in host memory."""
     import numpy as np
 
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, str(script), str(tmp_path), optim], check=True, env=env, timeout=900)
+    subprocess.run([sys.executable, str(Path(__file__).parent / "_sharded_run.py"), str(tmp_path), optim, *MESHES],
+                   check=True, env=env, timeout=900)
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["data8"]["devices"] == 8 and out["single"]["devices"] == 1
-    if optim.startswith("paged"):  # replicated over the mesh, in host memory between steps
-        assert out["data8"]["state_kinds"] == ["pinned_host"] and out["data8"]["state_devices"] == [8]
-    np.testing.assert_allclose(out["data8"]["losses"], out["single"]["losses"], rtol=1e-5)
-    assert out["single"]["losses"][-1] < out["single"]["losses"][0]
-    drift = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                for a, b in zip(out["data8"]["adapters"], out["single"]["adapters"]))
-    scale = max(float(np.abs(np.asarray(b)).max()) for b in out["single"]["adapters"])
-    print(f"[{optim}] adapters differ by {drift:.3g} (scale {scale:.3g})")
-    if optim == "sgd":
-        assert drift <= 1e-5 * scale  # the gradient all-reduce sums in another order
-    else:
-        # Adam divides by sqrt(v): where a gradient entry is near zero, a rounding-level change of it
-        # moves the step by a sizeable part of lr; the SGD case above shows the gradients agree
-        assert drift <= 0.05 * 1e-2
+    single = out["single"]
+    assert single["losses"][-1] < single["losses"][0]
+    scale = max(float(np.abs(np.asarray(b)).max()) for b in single["adapters"])
+    for name in MESHES:
+        run = out[name]
+        data, fsdp, tensor = map(int, name.split(","))
+        split = fsdp * tensor  # parameters are split over fsdp x tensor, replicated over data
+        # the down projection's NF4 codes: 1/split of them on each device (whole absmax blocks)
+        assert run["codes"] == [8, 1 / split], name
+        # every adapter matrix is split at least over fsdp; the moments follow their parameter
+        assert all(devices == 8 and frac <= 1 / fsdp for devices, frac in run["trainable"]), name
+        moments = [frac for _, frac in run["state"] if frac < 1]
+        if optim.startswith("paged"):
+            assert run["state_kinds"] == ["pinned_host"]
+            assert sorted(moments) == sorted(2 * [frac for _, frac in run["trainable"]]) or split == 1, name
+        np.testing.assert_allclose(run["losses"], single["losses"], rtol=1e-5, err_msg=name)
+        drift = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                    for a, b in zip(run["adapters"], single["adapters"]))
+        print(f"[{optim}, mesh {name}] adapters differ by {drift:.3g} (scale {scale:.3g})")
+        if optim == "sgd":
+            assert drift <= 1e-5 * scale, name  # the gradient reductions sum in another order
+        else:
+            # Adam divides by sqrt(v): where a gradient entry is near zero, a rounding-level change of it
+            # moves the step by a sizeable part of lr; the SGD case above shows the gradients agree
+            assert drift <= 0.05 * 1e-2, name
 
 
 def test_mesh_shapes():
@@ -102,19 +69,23 @@ def test_mesh_shapes():
 
 
 TRAIN = textwrap.dedent('''
-    import sys
+    import os, sys
     import jax
     from qlora_jax.config import load_config
     from qlora_jax.train import train
 
     assert jax.device_count() == 8
-    train(load_config(None, sys.argv[1:]), log=print)
+    stop = int(os.environ.get("STOP_AFTER", "0")) or None
+    train(load_config(None, sys.argv[1:]), stop_after_steps=stop, log=print)
 ''')
 
 
-def test_trainer_runs_data_parallel_on_eight_devices(tmp_path):
-    """``qlora-jax train`` on 8 devices (per-device batch 1, global 8) gives the losses and eval
-    loss of the same run on one device with a batch of 8, and writes its adapter."""
+def test_trainer_shards_and_resumes_across_meshes(tmp_path):
+    """``qlora-jax train`` on 8 devices: data=8 (per-device batch 1) and fsdp=8 give the losses and
+    eval loss of the same run on one device with a batch of 8. A run on tensor=2 x fsdp=4
+    (per-device batch 2: the same global batch) stopped after 2 steps resumes on one device
+    (Orbax reshards its checkpoint) and continues as the uninterrupted run; a resume whose global
+    batch differs is refused by name."""
     import numpy as np
 
     from qlora_jax.config import load_config
@@ -129,19 +100,103 @@ def test_trainer_runs_data_parallel_on_eight_devices(tmp_path):
               "quantization.compute_dtype=float32", "training.max_steps=4", "training.logging_steps=1",
               "training.learning_rate=1e-3", "training.disable_tqdm=true", "training.report_to=[]",
               "training.plot_loss=false", "data.validation_split=0.2", "training.eval_steps=4",
-              "data.max_seq_length=64"]
+              "data.max_seq_length=64", "training.save_steps=2"]
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / 'eight'}",
-                    "training.per_device_train_batch_size=1"], check=True, env=env, timeout=900)
-    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "training.per_device_train_batch_size=8"]),
-          log=lambda *_: None)
+
+    def on_eight(name, *args, stop=0):
+        subprocess.run([sys.executable, str(script), *common, f"output_dir={tmp_path / name}", *args], check=True,
+                       env={**env, "STOP_AFTER": str(stop)}, timeout=900)
+
+    on_eight("data8", "training.per_device_train_batch_size=1")
+    on_eight("fsdp8", "training.per_device_train_batch_size=1", "mesh.data=1", "mesh.fsdp=8")
+    on_eight("moved", "training.per_device_train_batch_size=2", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", stop=2)
+    one = [*common, "training.per_device_train_batch_size=8"]
+    quiet = lambda *_: None  # noqa: E731
+    train(load_config(None, [*one, f"output_dir={tmp_path / 'one'}"]), log=quiet)
+    with pytest.raises(ValueError, match="global batch of 8 examples; this run's is 4"):
+        train(load_config(None, [*common, "training.per_device_train_batch_size=4", f"output_dir={tmp_path / 'moved'}"]),
+              log=quiet)
+    train(load_config(None, [*one, f"output_dir={tmp_path / 'moved'}"]), log=quiet)  # resumes at step 2
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    eight, one = read("eight"), read("one")
-    assert [x["step"] for x in eight] == [x["step"] for x in one]
-    for a, b in zip(eight, one):
-        for key in ("loss", "eval_loss"):
-            if key in b:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
-    assert (tmp_path / "eight" / "adapter" / "adapter_model.safetensors").exists()
+    reference = read("one")
+    for name in ("data8", "fsdp8", "moved"):
+        run = read(name)
+        assert [x["step"] for x in run] == [x["step"] for x in reference], name
+        for a, b in zip(run, reference):
+            for key in ("loss", "eval_loss"):
+                if key in b:
+                    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f"{name} step {b['step']}")
+        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _abstract(data, fsdp, tensor):
+    from jax.sharding import AbstractMesh
+
+    return AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"))
+
+
+def test_partition_rules_by_leaf_kind():
+    from jax.sharding import PartitionSpec as P
+
+    from qlora_jax.sharding import leaf_spec
+
+    mesh = _abstract(1, 4, 2)
+    # column-parallel (out over tensor) and row-parallel (in over tensor) dense weights, stacked or not
+    assert leaf_spec(("layers", "mlp", "up_proj", "weight"), (4, 688, 256), mesh) == P(None, "tensor", "fsdp")
+    assert leaf_spec(("layers", 3, "mlp", "down_proj", "weight"), (256, 688), mesh) == P("fsdp", "tensor")
+    assert leaf_spec(("model", "layers", "0", "self_attn", "o_proj", "weight"), (256, 256), mesh) == P("fsdp", "tensor")
+    assert leaf_spec(("layers", "self_attn", "q_proj", "bias"), (4, 256), mesh) == P(None, "tensor")
+    assert leaf_spec(("layers", "self_attn", "o_proj", "bias"), (4, 256), mesh) == P()
+    # LoRA: A [r, in], B [out, r]
+    lora = ("layers", "self_attn", "q_proj", "lora", "default")
+    assert leaf_spec(lora + ("lora_A",), (4, 8, 256), mesh) == P(None, None, "fsdp")
+    assert leaf_spec(lora + ("lora_B",), (4, 256, 8), mesh) == P(None, ("tensor", "fsdp"), None)
+    lora = ("layers", "mlp", "down_proj", "lora", "default")
+    assert leaf_spec(lora + ("lora_A",), (4, 8, 688), mesh) == P(None, None, ("tensor", "fsdp"))
+    assert leaf_spec(lora + ("lora_B",), (4, 256, 8), mesh) == P(None, "fsdp", None)
+    # embeddings and LM head: vocab over tensor, hidden over fsdp; norms whole
+    assert leaf_spec(("embed_tokens",), (1024, 256), mesh) == P("tensor", "fsdp")
+    assert leaf_spec(("lm_head", "weight"), (1024, 256), mesh) == P("tensor", "fsdp")
+    assert leaf_spec(("layers", "input_layernorm", "weight"), (4, 256), mesh) == P()
+    # a dimension that does not divide keeps what divides (one axis alone), else stays whole
+    assert leaf_spec(("embed_tokens",), (1001, 256), mesh) == P(None, "fsdp")
+    assert leaf_spec(("layers", "mlp", "up_proj", "weight"), (4, 6, 256), mesh) == P(None, "tensor", "fsdp")
+    assert leaf_spec(("layers", "mlp", "up_proj", "lora", "default", "lora_B"), (4, 6, 8), mesh) == P(None, "tensor", None)
+    assert leaf_spec(("layers", "mlp", "up_proj", "weight"), (4, 7, 255), mesh) == P()
+    # a data-only mesh splits no parameter
+    assert leaf_spec(("layers", "mlp", "up_proj", "weight"), (4, 688, 256), _abstract(8, 1, 1)) == P()
+
+
+def test_quantized_weights_split_along_output_features_in_whole_blocks():
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    from qlora_jax.quant import quantize
+    from qlora_jax.sharding import bytes_per_device, leaf_sharding, param_shardings, replicated_leaves
+
+    mesh = _abstract(1, 4, 2)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((2, 256, 96)), jnp.float32)
+    q = quantize(w, batch_dims=1)  # 2 stacked [256, 96]: 384 blocks of 64 each
+    s = leaf_sharding(("layers", "self_attn", "o_proj", "weight"), q, mesh)
+    assert s.codes.spec == P(None, ("tensor", "fsdp")) and s.absmax.spec == P(None, ("tensor", "fsdp"))
+    assert s.nested_absmax.spec == P() and s.offset.spec == P()
+    # each shard: 32 whole rows = 3072 weights = 48 whole absmax blocks
+    assert s.codes.shard_shape(q.codes.shape) == (2, 32 * 96 // 2) and s.absmax.shard_shape(q.absmax.shape) == (2, 48)
+    # [32, 40]: 4 rows x 40 = 160 weights per shard over 8 shards would cut blocks of 64; over fsdp
+    # (4 shards) each holds 8 rows = 320 weights = 5 whole blocks
+    q40 = quantize(w[0, :32, :40])
+    s40 = leaf_sharding(("mlp", "up_proj", "weight"), q40, mesh)
+    assert s40.codes.spec == P("fsdp") and s40.codes.shard_shape(q40.codes.shape) == (160,)
+    assert s40.absmax.shard_shape(q40.absmax.shape) == (5,)
+    # nothing divides: 7 rows of 64 weights over 2 or 4 or 8 shards: the weight stays whole, and is listed
+    q7 = quantize(w[0, :7, :64])
+    s7 = leaf_sharding(("mlp", "up_proj", "weight"), q7, mesh)
+    assert s7.codes.spec == P() and s7.absmax.spec == P()
+    tree = {"mlp": {"up_proj": {"weight": q7}, "down_proj": {"weight": q}}}
+    shardings = param_shardings(tree, mesh)
+    assert replicated_leaves(tree, shardings, mesh, min_bytes=100) == ["['mlp']['up_proj']['weight'].codes"]
+    assert bytes_per_device(q, leaf_sharding(("o_proj", "weight"), q, mesh)) == q.storage_bytes - (
+        q.codes.nbytes + q.absmax.nbytes) * 7 // 8

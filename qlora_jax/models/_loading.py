@@ -49,6 +49,12 @@ def abstract_model(path_or_hub_id: str | os.PathLike, *, quantization: QuantConf
     reads config.json, no tensor. For memory estimates and compile-ahead checks of any size."""
     from transformers import AutoConfig
 
+    if mesh is not None:
+        if shardings is not None:
+            raise ValueError("from_pretrained takes shardings= or mesh=, not both")
+        from ..sharding import leaf_sharding
+
+        shardings = lambda key, value: leaf_sharding(tuple(key.split(".")), value, mesh)  # noqa: E731
     ckpt = resolve_checkpoint(path_or_hub_id, revision=revision)
     hf_config = AutoConfig.from_pretrained(ckpt)
     cfg = DecoderConfig.from_hf(hf_config)
@@ -76,7 +82,7 @@ def abstract_model(path_or_hub_id: str | os.PathLike, *, quantization: QuantConf
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantConfig | None = None,
                     dtype=jnp.float32, scan_layers: bool = True, gradient_checkpointing=None,
-                    shardings=None, revision: str | None = None) -> CausalLM:
+                    shardings=None, mesh=None, revision: str | None = None) -> CausalLM:
     """Load a Llama / Mistral / Qwen2 / Qwen3 checkpoint as a CausalLM.
 
     Tensors are read one at a time; with ``quantization`` the decoder layers' linear weights are
@@ -90,10 +96,20 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
       gradient_checkpointing: None/False, True, or a ``jax.checkpoint_policies`` name.
       shardings: None, or a function ``(hf_key, value) -> jax.sharding.Sharding | None`` that
         places each leaf as it is built.
+      mesh: a ``(data, fsdp, tensor)`` mesh (``qlora_jax.sharding.make_mesh``): each tensor goes
+        straight onto its shards by ``qlora_jax.sharding``'s partition rules as it is read (and
+        quantized), and the scanned layers are stacked shard by shard, so no device holds more
+        than one full tensor at a time. Exclusive with ``shardings``.
       revision: hub revision.
     """
     from transformers import AutoConfig
 
+    if mesh is not None:
+        if shardings is not None:
+            raise ValueError("from_pretrained takes shardings= or mesh=, not both")
+        from ..sharding import leaf_sharding
+
+        shardings = lambda key, value: leaf_sharding(tuple(key.split(".")), value, mesh)  # noqa: E731
     ckpt = resolve_checkpoint(path_or_hub_id, revision=revision)
     hf_config = AutoConfig.from_pretrained(ckpt)
     cfg = DecoderConfig.from_hf(hf_config)
@@ -114,9 +130,11 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
 
     # Where each checkpoint tensor goes: key -> (position in flat, layer index or None).
     wanted: dict[str, tuple[int, int | None]] = {}
+    stack_keys: dict[int, str] = {}  # position of a stacked leaf -> its layer-0 key (for its sharding)
     for i, (path, _) in enumerate(flat):
         key, layer = _hf_key(path)
         if layer == -1:
+            stack_keys[i] = key.format(0)
             for li in range(cfg.num_hidden_layers):
                 wanted[key.format(li)] = (i, li)
         else:
@@ -160,12 +178,22 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
         warnings.warn(f"{len(unused)} checkpoint tensor(s) are not used by the model, e.g. {unused[:5]}",
                       stacklevel=2)
     for i in list(stacks):  # one kind of leaf at a time, so only its per-layer parts are doubled
-        values[i] = jax.tree.map(lambda *xs: jnp.stack(xs), *stacks.pop(i))
+        values[i] = _stack(stacks.pop(i), stack_keys[i], shardings)
         release_freed_memory()
     new_flat = [(path, var.replace(values[i])) for i, (path, var) in enumerate(flat)]
     model = nnx.merge(graphdef, nnx.from_flat_state(new_flat))
     model.name_or_path = str(path_or_hub_id)  # what PEFT records as base_model_name_or_path
     return model
+
+
+def _stack(layers: list, key: str, shardings):
+    """The per-layer values stacked on a new leading axis; with ``shardings``, computed shard by
+    shard straight into the stacked leaf's sharding."""
+    stack = lambda *xs: jax.tree.map(lambda *ys: jnp.stack(ys), *xs)  # noqa: E731
+    if shardings is None:
+        return stack(*layers)
+    target = shardings(key, jax.eval_shape(stack, *layers))
+    return stack(*layers) if target is None else jax.jit(stack, out_shardings=target)(*layers)
 
 
 def _place(value, key, shardings):

@@ -1,10 +1,10 @@
 """Meshes and partition rules: JAX's SPMD partitioner runs the step, nothing home-made.
 
 A mesh has the axes ``data``, ``fsdp`` and ``tensor`` (``mesh.*`` in the run config; -1 takes
-the devices the other axes leave). Built so far: data parallelism over ``data`` x ``fsdp`` (the
-batch is split along its examples, every leaf is replicated, XLA all-reduces the gradients);
-parameter sharding over ``fsdp`` / ``tensor`` (QuantizedArray codes split along output features
-with whole absmax blocks per shard) is the next step and is refused by name until then.
+the devices the other axes leave). The batch's examples are split over ``data`` x ``fsdp``; the
+parameters (frozen base, adapters, optimizer state) over ``fsdp`` and ``tensor`` by the rules of
+``_rules`` (QuantizedArray codes along output features with whole absmax blocks per shard). XLA's
+SPMD partitioner inserts the gathers and reductions.
 """
 
 from __future__ import annotations
@@ -13,6 +13,13 @@ import math
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ._rules import (ROW_PARALLEL, bytes_per_device, leaf_sharding, leaf_spec, opt_state_shardings,
+                     param_shardings, replicated_leaves, shard)
+
+__all__ = ["AXES", "BATCH_AXES", "ROW_PARALLEL", "batch_sharding", "bytes_per_device", "leaf_sharding", "leaf_spec",
+           "make_mesh", "mesh_shape", "opt_state_shardings", "param_shardings", "place", "replicated",
+           "replicated_leaves", "shard"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch's examples are split over both
@@ -37,9 +44,6 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, *, num_devices: i
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh over every device (``jax.make_mesh``)."""
     shape = mesh_shape(data, fsdp, tensor)
-    if shape[1] > 1 or shape[2] > 1:
-        raise ValueError(f"mesh fsdp={shape[1]}, tensor={shape[2]}: parameter sharding is not built yet; use "
-                         "data parallelism (mesh.data=-1, mesh.fsdp=1, mesh.tensor=1)")
     # Auto axes: the partitioner propagates shardings through the model (Explicit axes would ask
     # every gather and dot for its output sharding)
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))

@@ -61,12 +61,23 @@ def init_loss_scale(init_scale: float = 2.0 ** 16) -> LossScaleState:
 def init_opt_state(optimizer: optax.GradientTransformation, trainable, *, loss_scaling: bool = False,
                    init_scale: float = 2.0 ** 16, sharding=None):
     """The optimizer state the step expects: with ``loss_scaling``, (LossScaleState, optax state).
-    ``sharding`` places every leaf (a mesh's replication, say); paged parts (``paged_adamw_*``)
-    then go to host memory."""
+    ``sharding``: None (one device), a Sharding for every leaf (a mesh's replication, say), or a
+    ``Mesh``: each state leaf is then built straight onto the shards of its parameter (as the
+    placed ``trainable`` is split; ``qlora_jax.sharding.opt_state_shardings``). Paged parts
+    (``paged_adamw_*``) then go to host memory."""
+    from jax.sharding import Mesh
+
     from ._paged import place_on_host
 
-    state = optimizer.init(trainable)
-    if sharding is not None:
+    if isinstance(sharding, Mesh):
+        from ..sharding import opt_state_shardings
+
+        shardings = opt_state_shardings(jax.eval_shape(optimizer.init, trainable), trainable,
+                                        jax.tree.map(lambda x: x.sharding, trainable), sharding)
+        state = jax.jit(optimizer.init, out_shardings=shardings)(trainable)
+    else:
+        state = optimizer.init(trainable)
+    if sharding is not None and not isinstance(sharding, Mesh):
         state = jax.tree.map(lambda x: jax.device_put(x, sharding), state)
     state = place_on_host(state)
     return (init_loss_scale(init_scale), state) if loss_scaling else state
@@ -123,18 +134,21 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rng
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate: bool = True,
-                    growth_interval: int = 2000, in_shardings=None, out_shardings=None, opt_state=None):
+                    growth_interval: int = 2000, in_shardings=None, out_shardings=None, opt_state=None,
+                    trainable=None, rngs=None):
     """``step(trainable, rngs, frozen, opt_state, batch) -> (trainable, rngs, opt_state, metrics)``,
     jitted, with the adapters, RNG state and optimizer state donated. ``in_shardings`` /
     ``out_shardings`` (as ``jax.jit`` takes them, one entry per argument / result) place the step
-    on a mesh; None leaves placement to the inputs (one device). ``opt_state`` (the placed state
-    from ``init_opt_state``) declares a paged state's host memory to the step."""
+    on a mesh; None leaves placement to the inputs (one device). Or pass the placed values: the
+    step then keeps them where they are, in and out: ``opt_state`` (from ``init_opt_state``;
+    declares a paged state's host memory), ``trainable`` and ``rngs`` (split over a mesh, say)."""
     fn = functools.partial(train_step, graphdef, optimizer, growth_interval=growth_interval)
-    if opt_state is not None and in_shardings is None:  # name the host placement of paged state
+    if opt_state is not None and in_shardings is None:  # name the placement of the state (host memory if paged)
         from ._paged import state_shardings
 
-        in_shardings = (None, None, None, state_shardings(opt_state), None)
-        out_shardings = (None, None, state_shardings(opt_state), None)
+        keep = lambda tree: None if tree is None else jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+        in_shardings = (keep(trainable), keep(rngs), None, state_shardings(opt_state), None)
+        out_shardings = (keep(trainable), keep(rngs), state_shardings(opt_state), None)
     kw = {}
     if in_shardings is not None:
         kw["in_shardings"] = in_shardings

@@ -38,6 +38,16 @@ if TYPE_CHECKING:  # qlora_jax.config imports this package (its schedules): no i
     from ..config import RunConfig
 
 
+def _comparable(config: dict) -> dict:
+    """What must match for a run to resume by default: the config less the resume switches and the
+    placement (mesh, per-device batch: a run may resume on another mesh; the global batch it implies
+    is checked against the checkpoint's when restoring)."""
+    out = {k: v for k, v in config.items() if k not in ("resume", "overwrite_output_dir", "mesh")}
+    if isinstance(out.get("training"), dict):
+        out["training"] = {k: v for k, v in out["training"].items() if k != "per_device_train_batch_size"}
+    return out
+
+
 def _prepare_output_dir(config: RunConfig) -> tuple[Path, bool]:
     """Create or reuse ``output_dir``; returns (dir, resume?). A directory holding another run's
     checkpoints is refused unless ``resume=true`` (continue anyway) or ``overwrite_output_dir``."""
@@ -52,8 +62,7 @@ def _prepare_output_dir(config: RunConfig) -> tuple[Path, bool]:
         has_checkpoints = False
     elif has_checkpoints and config.resume is not False:
         previous = json.loads(saved.read_text()) if saved.exists() else None
-        comparable = {k: v for k, v in current.items() if k not in ("resume", "overwrite_output_dir")}
-        before = {k: v for k, v in (previous or {}).items() if k not in ("resume", "overwrite_output_dir")}
+        comparable, before = _comparable(current), _comparable(previous or {})
         if before != comparable and config.resume is not True:
             changed = sorted(k for k in set(comparable) | set(before) if comparable.get(k) != before.get(k))
             raise ValueError(f"output_dir {str(out)!r} holds checkpoints of a run with a different config "
@@ -82,10 +91,15 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     say = log if log is not None else print
     t = config.training
     model_path = resolve(config.model.name_or_path)
+    mesh = None
+    if jax.device_count() > 1:  # a (data, fsdp, tensor) mesh over every device
+        from ..sharding import make_mesh
+
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model = from_pretrained(model_path, quantization=config.quantization,
                             dtype=getattr(jnp, config.model.dtype), scan_layers=config.model.scan_layers,
                             gradient_checkpointing=True if t.gradient_checkpointing else None,
-                            revision=config.model.revision)
+                            revision=config.model.revision, mesh=mesh)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=config.model.revision)
     if tokenizer.pad_token is None:  # as TRL: a missing pad token becomes the EOS token
         tokenizer.pad_token = tokenizer.eos_token
@@ -110,11 +124,6 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
         fill = sum(len(r) for r in data.input_ids) / (len(data.input_ids) * d.max_seq_length)
         say(f"packed {n_examples} examples into {len(data.input_ids)} rows of {d.max_seq_length} tokens "
             f"({100 * fill:.1f}% filled)")
-    mesh = None
-    if jax.device_count() > 1:  # data parallel over every device (sharding.make_mesh refuses the rest for now)
-        from ..sharding import make_mesh
-
-        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = t.per_device_train_batch_size * dp  # as transformers: per device, times the devices
     per_epoch = batches_per_epoch(len(data.input_ids), global_batch, t.gradient_accumulation_steps)
@@ -126,22 +135,32 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
                         max_grad_norm=t.max_grad_norm or None, optim=t.optim)
     parts = split_model(model)
     put_batch = jnp.asarray
-    if mesh is not None:
-        from ..sharding import batch_sharding, place, replicated
+    if mesh is not None:  # the base came onto its shards while loading; the adapters go now
+        from ..sharding import batch_sharding, param_shardings, place, replicated, replicated_leaves
 
-        parts = parts._replace(**{k: place(getattr(parts, k), replicated(mesh))
-                                  for k in ("trainable", "rngs", "frozen")})
+        parts = parts._replace(trainable=jax.device_put(parts.trainable, param_shardings(parts.trainable, mesh)),
+                               frozen=jax.device_put(parts.frozen, param_shardings(parts.frozen, mesh)),
+                               rngs=place(parts.rngs, replicated(mesh)))
         nnx.update(model, parts.trainable, parts.rngs, parts.frozen)  # generation uses the placed weights too
         put_batch = lambda v: jax.device_put(v, batch_sharding(mesh))  # noqa: E731
+        whole = replicated_leaves(parts.frozen, jax.tree.map(lambda x: x.sharding, parts.frozen), mesh)
+        if whole:
+            say(f"{len(whole)} base weight(s) of 1 MiB or more stay whole on every device (their shape does not "
+                f"split over mesh {dict(mesh.shape)}), e.g. {whole[:3]}")
     fp16 = config.model.dtype == "float16"
     trainable, rngs = parts.trainable, parts.rngs
-    opt_state = init_opt_state(tx, trainable, loss_scaling=fp16,
-                               sharding=None if mesh is None else replicated(mesh))
+    opt_state = init_opt_state(tx, trainable, loss_scaling=fp16, sharding=mesh)
     checkpointer = RunCheckpointer(out / "checkpoints", max_to_keep=t.save_total_limit)
     step, position, meta = 0, DataPosition(), {}
     if resume and checkpointer.latest_step() is not None:
         step = checkpointer.latest_step()
         restored, meta = checkpointer.restore(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state})
+        saved_batch = meta.get("global_batch_size", global_batch)
+        if saved_batch != global_batch and config.resume is not True:
+            raise ValueError(f"the checkpoint at step {step} was trained with a global batch of {saved_batch} "
+                             f"examples; this run's is {global_batch} (training.per_device_train_batch_size="
+                             f"{t.per_device_train_batch_size} x {dp} data-parallel devices): set the per-device "
+                             "batch so that they match, or pass resume=true to continue with the new batch")
         trainable, rngs, opt_state = restored["trainable"], restored["rngs"], restored["opt_state"]
         opt_state = place_on_host(opt_state)  # a paged state goes back to host memory
         position = DataPosition(meta["epoch"], meta["batch"])
@@ -151,7 +170,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     stream = iterate_batches(data, batch_size=global_batch, micro_batches=t.gradient_accumulation_steps,
                              max_seq_length=d.max_seq_length, pad_token_id=tokenizer.pad_token_id, seed=config.seed,
                              start=position, group_by_length=t.group_by_length)
-    train_step = make_train_step(parts.graphdef, tx, opt_state=opt_state)
+    train_step = make_train_step(parts.graphdef, tx, opt_state=opt_state, trainable=trainable, rngs=rngs)
     eval_every = t.eval_steps or t.logging_steps
 
     def evaluate() -> dict:
@@ -214,7 +233,8 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
             if step % t.save_steps == 0 or step == total_steps or stopping or stop_early:
                 checkpointer.save(step, {"trainable": trainable, "rngs": rngs, "opt_state": opt_state},
                                   {"step": step, "epoch": position.epoch, "batch": position.batch,
-                                   "early_stopping": stopper.state(), "stopped_early": stop_early})
+                                   "early_stopping": stopper.state(), "stopped_early": stop_early,
+                                   "global_batch_size": global_batch})
             if stop_early:
                 finished = True
                 break
@@ -375,6 +395,8 @@ def evaluate_loss(graphdef, trainable, rngs, frozen, data, *, batch_size: int, m
         _, batch = next(iterate_batches(chunk, batch_size=len(chunk.input_ids), max_seq_length=max_seq_length,
                                         pad_token_id=pad_token_id, shuffle=False))
         replica = jax.tree.leaves(trainable)[0].sharding  # the batch goes where the weights are (all devices)
+        if isinstance(replica, jax.sharding.NamedSharding):  # whole on each device of the mesh
+            replica = jax.sharding.NamedSharding(replica.mesh, jax.sharding.PartitionSpec())
         s, n = _eval_sums(graphdef, trainable, rngs, frozen,
                           {k: jax.device_put(v[0], replica) for k, v in batch.items()})
         total, count = total + float(s), count + int(n)
