@@ -10,7 +10,8 @@ import numpy as np
 
 import qlora_jax
 from qlora_jax.models import write_tiny_llama
-from qlora_jax.sharding import batch_sharding, make_mesh, param_shardings, place, replicated
+from qlora_jax.sharding import (abstract_lora_model, batch_sharding, make_mesh, param_shardings, place, replicated,
+                                step_memory)
 from qlora_jax.train import init_opt_state, make_optimizer, make_train_step, split_model
 
 LR = 1e-2
@@ -41,14 +42,29 @@ def run(path, optim, mesh_sizes):
         batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
         batch = {k: jnp.asarray(v) if mesh is None else jax.device_put(v, batch_sharding(mesh))
                  for k, v in batch.items()}
-        trainable, rngs, opt_state, m = step(trainable, rngs, frozen, opt_state, batch)
+        if mesh is None:
+            trainable, rngs, opt_state, m = step(trainable, rngs, frozen, opt_state, batch)
+        else:
+            with jax.set_mesh(mesh):  # the model's constraints: FSDP gathers weights, tensor splits them
+                trainable, rngs, opt_state, m = step(trainable, rngs, frozen, opt_state, batch)
         losses.append(float(m["loss"]))
 
     def placement(tree):  # leaf -> (devices, fraction of the leaf one device holds)
         return [[len(x.sharding.device_set), x.addressable_shards[0].data.size / max(x.size, 1)]
                 for x in jax.tree.leaves(tree)]
     codes = model.layers.mlp.down_proj.base_layer.weight.get_value().codes
-    return {"losses": losses, "adapters": [np.asarray(x).tolist() for x in jax.tree.leaves(trainable)],
+    device0 = jax.devices()[0]
+    held = sum(s.data.nbytes for x in jax.tree.leaves(frozen) for s in x.addressable_shards if s.device == device0)
+    report = None
+    if mesh is not None:  # the shape-only report of the same step
+        abstract = abstract_lora_model(path, qlora_jax.LoraConfig(r=8, target_modules="all-linear"),
+                                       quantization=qlora_jax.QuantConfig(compute_dtype="float32"),
+                                       dtype=jnp.float32)
+        report = step_memory(abstract, mesh, batch_size=8 // (mesh.shape["data"] * mesh.shape["fsdp"]),
+                             seq_length=32, micro_batches=2, optim=optim if optim != "sgd" else "adamw")
+        report = {"base": report.base, "adapters": report.adapters, "peak": report.peak}
+    return {"base_held": held, "base_total": sum(x.nbytes for x in jax.tree.leaves(frozen)), "report": report,
+            "losses": losses, "adapters": [np.asarray(x).tolist() for x in jax.tree.leaves(trainable)],
             "trainable": placement(trainable), "state": placement(opt_state), "codes": placement([codes])[0],
             "state_kinds": sorted({x.sharding.memory_kind for x in jax.tree.leaves(opt_state)})}
 

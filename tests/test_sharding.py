@@ -37,8 +37,12 @@ def test_sharded_training_equals_single_device(tmp_path, optim):
         run = out[name]
         data, fsdp, tensor = map(int, name.split(","))
         split = fsdp * tensor  # parameters are split over fsdp x tensor, replicated over data
-        # the down projection's NF4 codes: 1/split of them on each device (whole absmax blocks)
+        # the down projection's NF4 codes: 1/split of them on each device (whole absmax blocks); loading put
+        # on device 0 what the shape-only report (sharding.step_memory) says, a 1/split share of the base
         assert run["codes"] == [8, 1 / split], name
+        assert run["base_held"] == run["report"]["base"], name
+        assert run["base_held"] <= run["base_total"] / split * 1.05, name
+        assert run["report"]["peak"] > run["report"]["base"] + run["report"]["adapters"], name
         # every adapter matrix is split at least over fsdp; the moments follow their parameter
         assert all(devices == 8 and frac <= 1 / fsdp for devices, frac in run["trainable"]), name
         moments = [frac for _, frac in run["state"] if frac < 1]

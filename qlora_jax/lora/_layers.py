@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..sharding import constrain
+
 
 class LoraParam(nnx.Param):
     """A trainable adapter weight (the only trainable kind: see ``trainable_mask``)."""
@@ -44,8 +46,12 @@ class LoraAdapter(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
         self.layer_mask = nnx.data(None)  # set by apply_lora when target rules select some stacked layers
 
-    def __call__(self, x):
+    def __call__(self, x, row_parallel: bool = False):
         a, b = self.lora_A[...], self.lora_B[...]
+        # under a mesh (jax.set_mesh) gathered over fsdp, split over tensor as the base layer's
+        # weight (column-parallel: B's output features; row-parallel: A's input features)
+        a = constrain(a, None, "tensor" if row_parallel else None)
+        b = constrain(b, None if row_parallel else "tensor", None)
         h = x.astype(a.dtype)  # PEFT casts the adapter's input to lora_A's dtype
         if self.dropout is not None:
             h = self.dropout(h)
@@ -69,6 +75,6 @@ class LoraLinear(nnx.Module):
         result = self.base_layer(x)
         if self.active_adapter is None or self.unmerged_weight is not None:  # merged: the base has it
             return result
-        delta = self.lora[self.active_adapter](x)
+        delta = self.lora[self.active_adapter](x, row_parallel=getattr(self.base_layer, "row_parallel", False))
         wide = jnp.promote_types(result.dtype, delta.dtype)
         return (result.astype(wide) + delta.astype(wide)).astype(result.dtype)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..ops import qmatmul
+from ..sharding import constrain
 from ._config import DecoderConfig
 from ._layers import DecoderLayer, Linear, RMSNorm
 from ._rope import rope_cos_sin, rope_inv_freq
@@ -131,6 +132,7 @@ class CausalLM(nnx.Module):
         q_index = start + jnp.arange(s)
 
         def run_layer(layer, h, window, kv):
+            h = constrain(h, "batch", None, None)  # under a mesh: examples split over data x fsdp
             return layer(h, cos, sin, attention_bias(kv_mask_BxT, q_index, window, self.dtype), kv, start)
 
         if self.remat_policy is not None:
@@ -155,7 +157,7 @@ class CausalLM(nnx.Module):
                 x, kv = (out, None) if cache is None else out
                 new_cache.append(kv)
             cache = None if cache is None else new_cache
-        x = self.norm(x)
+        x = self.norm(constrain(x, "batch", None, None))
         if self.lm_head is None:
             return qmatmul(x, self.embed_tokens[...].astype(self.dtype)), cache
         return self.lm_head(x), cache

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..ops import qmatmul
+from ..sharding import gather_weight
 from ._config import DecoderConfig
 from ._rope import apply_rope
 
@@ -34,19 +35,21 @@ class Linear(nnx.Module):
     """y = x @ W^T (+ b) through the one quantized-linear op; W is [out, in] as in PyTorch."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs,
-                 kernel: str = "auto", compute_dtype=None):
+                 kernel: str = "auto", compute_dtype=None, row_parallel: bool = False):
         std = in_features ** -0.5
         self.weight = nnx.Param((jax.random.uniform(rngs.params(), (out_features, in_features), jnp.float32,
                                                     -std, std)).astype(dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
         self.kernel = kernel
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+        self.row_parallel = row_parallel  # reads features split over the tensor axis (o_proj, down_proj)
 
     def __call__(self, x):
         # With a compute dtype (bnb_4bit_compute_dtype) the input is cast to it and the result,
         # bias included, cast back, as bitsandbytes' Linear4bit does.
         xc = x if self.compute_dtype is None else x.astype(self.compute_dtype)
-        y = qmatmul(xc, self.weight.get_value(), backend=self.kernel)
+        # under a mesh (jax.set_mesh): the weight gathered over fsdp, split over tensor; else as it is
+        y = qmatmul(xc, gather_weight(self.weight.get_value(), row_parallel=self.row_parallel), backend=self.kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y.astype(x.dtype)
@@ -59,7 +62,7 @@ class Attention(nnx.Module):
         self.q_proj = Linear(e, self.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, **lin)
         self.k_proj = Linear(e, self.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, **lin)
         self.v_proj = Linear(e, self.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, **lin)
-        self.o_proj = Linear(self.num_heads * d, e, bias=cfg.o_bias, dtype=dtype, rngs=rngs, **lin)
+        self.o_proj = Linear(self.num_heads * d, e, bias=cfg.o_bias, dtype=dtype, rngs=rngs, row_parallel=True, **lin)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
@@ -105,7 +108,7 @@ class MLP(nnx.Module):
         e, i = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = Linear(e, i, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, **lin)
         self.up_proj = Linear(e, i, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, **lin)
-        self.down_proj = Linear(i, e, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, **lin)
+        self.down_proj = Linear(i, e, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, row_parallel=True, **lin)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

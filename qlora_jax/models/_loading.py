@@ -49,12 +49,6 @@ def abstract_model(path_or_hub_id: str | os.PathLike, *, quantization: QuantConf
     reads config.json, no tensor. For memory estimates and compile-ahead checks of any size."""
     from transformers import AutoConfig
 
-    if mesh is not None:
-        if shardings is not None:
-            raise ValueError("from_pretrained takes shardings= or mesh=, not both")
-        from ..sharding import leaf_sharding
-
-        shardings = lambda key, value: leaf_sharding(tuple(key.split(".")), value, mesh)  # noqa: E731
     ckpt = resolve_checkpoint(path_or_hub_id, revision=revision)
     hf_config = AutoConfig.from_pretrained(ckpt)
     cfg = DecoderConfig.from_hf(hf_config)

@@ -14,12 +14,14 @@ import math
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ._rules import (ROW_PARALLEL, bytes_per_device, leaf_sharding, leaf_spec, opt_state_shardings,
+from ._rules import (ROW_PARALLEL, bytes_per_device, constrain, gather_weight, leaf_sharding, leaf_spec, opt_state_shardings,
                      param_shardings, replicated_leaves, shard)
+from ._report import StepMemory, abstract_lora_model, step_memory
 
-__all__ = ["AXES", "BATCH_AXES", "ROW_PARALLEL", "batch_sharding", "bytes_per_device", "leaf_sharding", "leaf_spec",
+__all__ = ["AXES", "BATCH_AXES", "ROW_PARALLEL", "batch_sharding", "bytes_per_device", "constrain", "gather_weight",
+           "leaf_sharding", "leaf_spec",
            "make_mesh", "mesh_shape", "opt_state_shardings", "param_shardings", "place", "replicated",
-           "replicated_leaves", "shard"]
+           "replicated_leaves", "shard", "StepMemory", "abstract_lora_model", "step_memory"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch's examples are split over both

@@ -184,3 +184,49 @@ def opt_state_shardings(state: Any, trainable: Any, trainable_shardings: Any, me
         return next(iter(found)) if len(found) == 1 else whole
 
     return jax.tree.map(visit, state, is_leaf=lambda x: isinstance(x, (ChunkedState, PagedState)))
+
+
+# Logical activation axes -> mesh axes, for constraints inside the model.
+_LOGICAL = {"batch": ("data", "fsdp"), "tensor": ("tensor",)}
+
+
+def _context_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not {"data", "fsdp", "tensor"} & set(mesh.axis_names) else mesh
+
+
+def constrain(x, *logical):
+    """``x`` constrained to a sharding by logical axis names ("batch", "tensor" or None per
+    dimension) over the mesh in context (``jax.set_mesh``); without one, ``x`` unchanged. A
+    dimension that does not divide stays whole."""
+    mesh = _context_mesh()
+    if mesh is None:
+        return x
+    spec = [None if name is None else _fit(mesh, size, tuple(a for a in _LOGICAL[name] if a in mesh.axis_names))
+            for size, name in zip(x.shape, logical)]
+    return jax.lax.with_sharding_constraint(x, P(*spec) if any(s is not None for s in spec) else P())
+
+
+def gather_weight(w, *, row_parallel: bool):
+    """A linear weight as its matmul uses it under the mesh in context: gathered over ``fsdp``
+    (FSDP: the weight moves, the batch stays split) and split over ``tensor`` as Megatron does
+    (column-parallel: output features; row-parallel: input features, dense weights only: a 4-bit
+    row-parallel weight is gathered whole and XLA slices its input features after dequantizing).
+    A QuantizedArray is gathered as packed codes and absmax, 4.5 bits per weight. Without a mesh
+    in context, ``w`` unchanged."""
+    mesh = _context_mesh()
+    if mesh is None:
+        return w
+    if isinstance(w, QuantizedArray):
+        rows, cols = w.logical_shape[0], math.prod(w.logical_shape[1:])
+        axis = None if row_parallel else _fit(mesh, rows, ("tensor",), ok=lambda n: (rows // n * cols) % w.blocksize == 0)
+        lead = len(w.batch_shape)
+        split = P() if axis is None else P(*(None,) * lead, axis)
+        c = lambda a, s: None if a is None else jax.lax.with_sharding_constraint(a, s)  # noqa: E731
+        return dataclasses.replace(w, codes=c(w.codes, split), absmax=c(w.absmax, split),
+                                   nested_absmax=c(w.nested_absmax, P()), offset=c(w.offset, P()))
+    if w.ndim < 2:
+        return w
+    out_axis = None if row_parallel else _fit(mesh, w.shape[-2], ("tensor",))
+    in_axis = _fit(mesh, w.shape[-1], ("tensor",)) if row_parallel else None
+    return jax.lax.with_sharding_constraint(w, _spec(w.ndim, (out_axis, in_axis)))

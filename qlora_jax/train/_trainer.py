@@ -38,6 +38,18 @@ if TYPE_CHECKING:  # qlora_jax.config imports this package (its schedules): no i
     from ..config import RunConfig
 
 
+def _under(mesh, fn):
+    """``fn`` run with ``mesh`` in context (``jax.set_mesh``), where the model's sharding constraints
+    apply: batch split over data x fsdp, weights gathered over fsdp and split over tensor."""
+    if mesh is None:
+        return fn
+
+    def run(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+    return run
+
+
 def _comparable(config: dict) -> dict:
     """What must match for a run to resume by default: the config less the resume switches and the
     placement (mesh, per-device batch: a run may resume on another mesh; the global batch it implies
@@ -170,9 +182,10 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     stream = iterate_batches(data, batch_size=global_batch, micro_batches=t.gradient_accumulation_steps,
                              max_seq_length=d.max_seq_length, pad_token_id=tokenizer.pad_token_id, seed=config.seed,
                              start=position, group_by_length=t.group_by_length)
-    train_step = make_train_step(parts.graphdef, tx, opt_state=opt_state, trainable=trainable, rngs=rngs)
+    train_step = _under(mesh, make_train_step(parts.graphdef, tx, opt_state=opt_state, trainable=trainable, rngs=rngs))
     eval_every = t.eval_steps or t.logging_steps
 
+    @functools.partial(_under, mesh)
     def evaluate() -> dict:
         return evaluate_loss(parts.graphdef, trainable, rngs, parts.frozen, eval_data,
                              batch_size=global_batch, max_seq_length=d.max_seq_length,
