@@ -22,9 +22,11 @@ $(VENV)/.installed-test: pyproject.toml setup.py | $(PY)
 demo: $(VENV)/.installed
 	$(VENV)/bin/qlora-jax train configs/demo.yaml
 
-# The test suite, parity tests against bitsandbytes / transformers included (CPU).
+# The test suite, parity tests against bitsandbytes / transformers included (CPU): the fast
+# default suite, then the slow step (8-device and multi-process runs, in subprocesses).
 test: $(VENV)/.installed-test
 	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "slow and not gpu"
 
 # Quantize / dequantize throughput against bitsandbytes on the same tensors (docs/benchmarks.md).
 bench: $(VENV)/.installed-test

@@ -7,6 +7,7 @@ this module's functions in subprocesses). Figures are medians after a warm-up.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -124,10 +125,95 @@ def train_throughput_peft(ckpt: str, *, batch: int, seq: int, r: int, steps: int
     return {"tokens_per_s": batch * seq / seconds, "peak_added_bytes": mem.added}
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collective_seconds(trace_dir: str) -> tuple[float, float]:
+    """(seconds in cross-device collectives, seconds of all XLA op events) in the Perfetto trace
+    that ``jax.profiler.trace(..., create_perfetto_trace=True)`` wrote under ``trace_dir``, summed
+    over the op events of every device (XLA:CPU's thunk executor). A collective's time includes
+    waiting for the other devices to arrive."""
+    import glob
+    import gzip
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no Perfetto trace under {trace_dir}")
+    events = json.load(gzip.open(max(paths, key=os.path.getmtime)))
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    coll = total = 0.0
+    for e in events:  # XLA:CPU's per-op events come from its thunk executor ("end: x" marks are not ops)
+        args = e.get("args") or {}
+        if e.get("ph") != "X" or not str(args.get("_src", "")).endswith("thunk_executor.cc"):
+            continue
+        name = str(e.get("name", ""))
+        if name.startswith("end:"):
+            continue
+        total += e["dur"] / 1e6
+        if name.startswith(COLLECTIVES):
+            coll += e["dur"] / 1e6
+    return coll, total
+
+
+def multiprocess_step_time(ckpt: str, *, steps: int, batch_per_device: int, seq: int, r: int,
+                           profile_dir: str | None = None) -> dict:
+    """One process's part of a data-parallel QLoRA run over every device of every process (start it
+    in each process with the ``qlora_jax.distributed`` environment): median step seconds after two
+    warm-up steps, and, with ``profile_dir``, the share of profiled op time spent in collectives."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import qlora_jax
+    from qlora_jax import distributed
+    from qlora_jax.sharding import batch_sharding, make_mesh, param_shardings, place, put_batch, replicated
+    from qlora_jax.train import init_opt_state, make_optimizer, make_train_step, split_model
+
+    distributed.initialize()
+    mesh = make_mesh(data=-1)
+    model = qlora_jax.from_pretrained(ckpt, quantization=qlora_jax.QuantConfig(compute_dtype="float32"),
+                                      gradient_checkpointing=True, mesh=mesh)
+    qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    parts = split_model(model)
+    tx = make_optimizer(2e-4, num_training_steps=steps + 10, optim="paged_adamw_32bit")
+    trainable = jax.device_put(parts.trainable, param_shardings(parts.trainable, mesh))
+    rngs = place(parts.rngs, replicated(mesh))
+    opt_state = init_opt_state(tx, trainable, sharding=mesh)
+    step = make_train_step(parts.graphdef, tx, opt_state=opt_state, trainable=trainable, rngs=rngs)
+    ids = np.random.default_rng(0).integers(3, 1000, (1, batch_per_device * jax.device_count(), seq)).astype(np.int32)
+    batch = {k: put_batch(v, batch_sharding(mesh)) for k, v in
+             {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}.items()}
+    state = [trainable, rngs, opt_state]
+
+    def run():
+        with jax.set_mesh(mesh):
+            t, rg, o, m = step(state[0], state[1], parts.frozen, state[2], batch)
+        float(m["loss"])
+        state[:] = [t, rg, o]
+
+    run()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    out = {"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
+           "step_s": statistics.median(times[1:]), "tokens_per_step": int(ids.size)}
+    if profile_dir is not None:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                run()
+        coll, total = collective_seconds(profile_dir)
+        out.update(collective_s=coll, op_s=total, collective_share=coll / total if total else float("nan"))
+    jnp.zeros(()).block_until_ready()
+    return out
+
+
 def main_subprocess(argv: list[str]) -> None:
     """``python -m qlora_jax.bench STACK CKPT JSON_KWARGS``: print one stack's figures as JSON."""
     stack, ckpt, kwargs = argv[0], argv[1], json.loads(argv[2])
-    fn = {"qlora_jax": train_throughput_qlora_jax, "peft": train_throughput_peft}[stack]
+    fn = {"qlora_jax": train_throughput_qlora_jax, "peft": train_throughput_peft,
+          "multiprocess": multiprocess_step_time}[stack]
     print(json.dumps(fn(ckpt, **kwargs)))
 
 

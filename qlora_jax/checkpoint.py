@@ -68,8 +68,12 @@ class RunCheckpointer:
 
     def _open(self) -> ocp.CheckpointManager:
         """A manager over the directory as it is on disk, without the partial steps of earlier saves."""
-        for partial in ocp.path.step.all_temporary_paths(self.directory):
-            shutil.rmtree(partial.get(), ignore_errors=True)
+        from .distributed import is_main_process, sync
+
+        if is_main_process():  # one writer removes them; every process then opens the same steps
+            for partial in ocp.path.step.all_temporary_paths(self.directory):
+                shutil.rmtree(partial.get(), ignore_errors=True)
+        sync("qlora_jax.checkpoints.cleaned")
         options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True)
         return ocp.CheckpointManager(self.directory, options=options)
 

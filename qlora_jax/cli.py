@@ -1,10 +1,9 @@
 """The ``qlora-jax`` command.
 
-Subcommands so far: ``info`` (a checkpoint's shape and its 4-bit storage; ``--quantize`` streams
-and quantizes every tensor for real) and ``generate`` (load, quantize, attach an adapter,
-complete prompts).
-``train`` fine-tunes from a run config; ``merge`` and ``launch`` arrive with the issues that
-build them.
+Subcommands: ``info`` (a checkpoint's shape and its 4-bit storage; ``--quantize`` streams and
+quantizes every tensor for real), ``generate`` (load, quantize, attach an adapter, complete
+prompts), ``train`` (fine-tune from a run config), ``merge`` (fold an adapter into its base) and
+``launch`` (several local processes that train as one).
 """
 
 from __future__ import annotations
@@ -160,10 +159,24 @@ def cmd_train(args) -> int:
     if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):  # no CONFIG, only overrides
         path, overrides = None, [path, *overrides]
     config = load_config(path, overrides)
+    from .distributed import initialize, is_main_process
+
+    initialize()  # several processes (qlora-jax launch, SLURM, ...) join one group; one needs nothing
     result = train(config)
-    print(f"done: {result['step']} steps, final loss {result['loss']:.4f}; adapter in "
-          f"{config.output_dir}/adapter")
+    if is_main_process():
+        print(f"done: {result['step']} steps, final loss {result['loss']:.4f}; adapter in "
+              f"{config.output_dir}/adapter")
     return 0
+
+
+def cmd_launch(args) -> int:
+    from .distributed import launch
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if command[:1] == ["launch"]:
+        raise ValueError("launch cannot launch itself; give the command to run, e.g. -- train run.yaml")
+    return launch(command, num_processes=args.num_processes, cpu_devices_per_process=args.cpu_devices_per_process,
+                  timeout=args.timeout, port=args.port)
 
 
 def cmd_merge(args) -> int:
@@ -227,6 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     tr.set_defaults(func=cmd_train)
 
+    la = sub.add_parser("launch", help="run a command in several local processes that train as one (jax.distributed)",
+                        description="Start --num-processes local processes of `qlora-jax COMMAND ...` as one JAX "
+                                    "process group (coordinator on 127.0.0.1; each process gets JAX_NUM_PROCESSES, "
+                                    "JAX_PROCESS_ID and JAX_COORDINATOR_ADDRESS), stream their output with a [rank] "
+                                    "prefix, and if one fails stop the others and exit non-zero naming it. Across "
+                                    "hosts, set those three variables on each host instead (docs/multihost.md).",
+                        usage="qlora-jax launch --num-processes N [--cpu-devices-per-process K] [--timeout S] "
+                              "-- train CONFIG [key=value ...]")
+    la.add_argument("--num-processes", type=int, required=True, help="processes to start on this machine")
+    la.add_argument("--cpu-devices-per-process", type=int, default=0,
+                    help="K > 0: force K CPU devices per process and use gloo collectives (tests, CPU-only hosts); "
+                         "0: each process uses the machine's devices")
+    la.add_argument("--timeout", type=int, default=300,
+                    help="seconds a process waits for the coordinator or a silent peer before failing (default 300)")
+    la.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
+    la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the qlora-jax subcommand, e.g. train run.yaml")
+    la.set_defaults(func=cmd_launch)
+
     mg = sub.add_parser("merge", help="fold an adapter into its base and write a Hugging Face checkpoint",
                         description="Load MODEL as it was trained (NF4 by default), attach --adapter, merge it onto "
                                     "the dequantized base (never re-quantizing) and write --output in --dtype.")
@@ -244,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     # transformers advises installing torch on import; configs and tokenizers need no torch
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from .distributed import DistributedError
+
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, DistributedError) as e:
         print(f"qlora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -60,14 +60,15 @@ def main() -> int:
           f"device, {jax.device_count()} {jax.devices()[0].platform.upper()} devices (compiled by XLA:CPU)\n")
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     print("| mesh (data x fsdp x tensor) | base | adapters | opt. state device / host | activations + working "
-          "buffers | compiled peak per device (GiB) |")
-    print("|---|---|---|---|---|---|")
+          "buffers (XLA:CPU) | compiled peak (XLA:CPU) | estimated peak, bf16 (GiB per device) |")
+    print("|---|---|---|---|---|---|---|")
     for spec in args.mesh:
         shape = tuple(int(x) for x in spec.split(","))
         m = step_memory(model, make_mesh(*shape), batch_size=args.batch_size, seq_length=args.seq_length,
                         optim=args.optim)
         print(f"| {' x '.join(map(str, shape))} | {gib(m.base)} | {gib(m.adapters)} | {gib(m.optimizer_state)} / "
-              f"{gib(m.optimizer_state_host)} | {gib(m.temporaries)} | {gib(m.peak)} |", flush=True)
+              f"{gib(m.optimizer_state_host)} | {gib(m.temporaries)} | {gib(m.peak)} | {gib(m.estimated_peak)} |",
+              flush=True)
     return 0
 
 

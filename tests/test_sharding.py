@@ -16,6 +16,7 @@ from qlora_jax.sharding import mesh_shape
 MESHES = ["8,1,1", "1,8,1", "2,4,1", "1,4,2"]  # data x fsdp x tensor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["sgd", "paged_adamw_32bit"])
 def test_sharded_training_equals_single_device(tmp_path, optim):
     """10 QLoRA steps on one device and on 8 devices as data=8, fsdp=8, data=2 x fsdp=4 and
@@ -84,6 +85,7 @@ TRAIN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_trainer_shards_and_resumes_across_meshes(tmp_path):
     """``qlora-jax train`` on 8 devices: data=8 (per-device batch 1) and fsdp=8 give the losses and
     eval loss of the same run on one device with a batch of 8. A run on tensor=2 x fsdp=4
@@ -120,8 +122,8 @@ def test_trainer_shards_and_resumes_across_meshes(tmp_path):
     quiet = lambda *_: None  # noqa: E731
     train(load_config(None, [*one, f"output_dir={tmp_path / 'one'}"]), log=quiet)
     with pytest.raises(ValueError, match="global batch of 8 examples; this run's is 4"):
-        train(load_config(None, [*common, "training.per_device_train_batch_size=4", f"output_dir={tmp_path / 'moved'}"]),
-              log=quiet)
+        four = [*common, "training.per_device_train_batch_size=4", f"output_dir={tmp_path / 'moved'}"]
+        train(load_config(None, four), log=quiet)
     train(load_config(None, [*one, f"output_dir={tmp_path / 'moved'}"]), log=quiet)  # resumes at step 2
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     reference = read("one")
@@ -167,7 +169,8 @@ def test_partition_rules_by_leaf_kind():
     # a dimension that does not divide keeps what divides (one axis alone), else stays whole
     assert leaf_spec(("embed_tokens",), (1001, 256), mesh) == P(None, "fsdp")
     assert leaf_spec(("layers", "mlp", "up_proj", "weight"), (4, 6, 256), mesh) == P(None, "tensor", "fsdp")
-    assert leaf_spec(("layers", "mlp", "up_proj", "lora", "default", "lora_B"), (4, 6, 8), mesh) == P(None, "tensor", None)
+    lora_b = ("layers", "mlp", "up_proj", "lora", "default", "lora_B")
+    assert leaf_spec(lora_b, (4, 6, 8), mesh) == P(None, "tensor", None)
     assert leaf_spec(("layers", "mlp", "up_proj", "weight"), (4, 7, 255), mesh) == P()
     # a data-only mesh splits no parameter
     assert leaf_spec(("layers", "mlp", "up_proj", "weight"), (4, 688, 256), _abstract(8, 1, 1)) == P()

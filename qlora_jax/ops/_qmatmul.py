@@ -171,11 +171,15 @@ _qmatmul_triton.defvjp(lambda x2, w, interpret: (_qmatmul_triton(x2, w, interpre
 
 def resolve_backend(backend: str, w) -> str:
     """The backend that will run: ``auto`` is pallas on GPU for a weight the kernel takes, else
-    xla; a named kernel backend falls back to xla for weights it does not take."""
+    xla; a named kernel backend falls back to xla for weights it does not take. Under a mesh of
+    several devices (``jax.set_mesh``) ``auto`` takes xla: XLA's partitioner cannot split a kernel's
+    custom call and would gather its operands whole on every device."""
     if not isinstance(w, QuantizedArray):
         return "dense"
     if backend == "auto":
-        backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+        mesh = jax.sharding.get_abstract_mesh()
+        sharded = not mesh.empty and mesh.size > 1
+        backend = "pallas" if jax.default_backend() == "gpu" and not sharded else "xla"
     if backend in ("pallas", "triton"):
         from ..kernels import nf4_matmul
 

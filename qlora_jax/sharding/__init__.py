@@ -12,15 +12,16 @@ from __future__ import annotations
 import math
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ._rules import (ROW_PARALLEL, bytes_per_device, constrain, gather_weight, leaf_sharding, leaf_spec, opt_state_shardings,
-                     param_shardings, replicated_leaves, shard)
+from ._rules import (ROW_PARALLEL, bytes_per_device, constrain, gather_weight, leaf_sharding, leaf_spec,
+                     opt_state_shardings, param_shardings, replicated_leaves, shard)
 from ._report import StepMemory, abstract_lora_model, step_memory
 
 __all__ = ["AXES", "BATCH_AXES", "ROW_PARALLEL", "batch_sharding", "bytes_per_device", "constrain", "gather_weight",
            "leaf_sharding", "leaf_spec",
-           "make_mesh", "mesh_shape", "opt_state_shardings", "param_shardings", "place", "replicated",
+           "make_mesh", "mesh_shape", "opt_state_shardings", "param_shardings", "place", "put_batch", "replicated",
            "replicated_leaves", "shard", "StepMemory", "abstract_lora_model", "step_memory"]
 
 AXES = ("data", "fsdp", "tensor")
@@ -58,6 +59,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches are [micro_batches, examples, tokens]: examples split over data x fsdp."""
     return NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+
+def put_batch(value, sharding: NamedSharding) -> jax.Array:
+    """A host batch (numpy) as a global array on ``sharding``. In a multi-process run every process
+    holds the same global batch (the same data stream and seed) and contributes only the rows its
+    own devices hold (``jax.make_array_from_process_local_data``)."""
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    value = np.asarray(value)
+    index = list(sharding.addressable_devices_indices_map(value.shape).values())
+    box = tuple(slice(min(ix[d].indices(n)[0] for ix in index), max(ix[d].indices(n)[1] for ix in index))
+                for d, n in enumerate(value.shape))
+    rows = {tuple(ix[d].indices(n)[:2] for d, n in enumerate(value.shape)) for ix in index}
+    held = sum(math.prod(b - a for a, b in r) for r in rows)
+    if held != math.prod(s.stop - s.start for s in box):  # this process's devices hold scattered rows
+        return jax.make_array_from_callback(value.shape, sharding, lambda ix: value[ix])
+    return jax.make_array_from_process_local_data(sharding, value[box], value.shape)
 
 
 def place(tree, sharding):

@@ -28,7 +28,12 @@ class StepMemory:
     device-resident state; a paged state's shards are in ``optimizer_state_host``). batch: the
     token arrays' shard. temporaries: the compiled step's working memory (activations saved for
     the backward pass, gathered weights, gradients, ...), from ``memory_analysis``. peak: the
-    compiler's own total (arguments + outputs - donated + temporaries) for device memory."""
+    compiler's own total (arguments + outputs - donated + temporaries) for device memory, on the
+    backend that compiled it. XLA's CPU backend, which has no bf16 arithmetic, also keeps fp32
+    copies of many bf16 buffers, so its figure is high for a bf16 model. estimated_peak: the
+    backend-independent count of ``train.estimate_memory`` (bf16 kept as bf16, as on GPUs) for
+    one device's batch, with the base, adapters, gradients and optimizer state taken per device
+    as sharded; the activations are counted unsplit, an upper bound when tensor > 1."""
 
     mesh: dict
     base: int
@@ -38,13 +43,15 @@ class StepMemory:
     batch: int
     temporaries: int
     peak: int
+    estimated_peak: int
 
     def format(self) -> str:
         gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
         rows = [("base (frozen, 4-bit)", self.base), ("LoRA adapters", self.adapters),
                 ("optimizer state on device", self.optimizer_state),
                 ("optimizer state in host memory", self.optimizer_state_host), ("token batch", self.batch),
-                ("activations and working buffers", self.temporaries), ("compiled peak (device)", self.peak)]
+                ("activations and working buffers", self.temporaries), ("compiled peak (device)", self.peak),
+                ("estimated peak (bf16 as on GPU)", self.estimated_peak)]
         head = f"per device on mesh {self.mesh}:"
         return "\n".join([head] + [f"  {name:<34}{gib(b)}" for name, b in rows])
 
@@ -61,7 +68,7 @@ def step_memory(model, mesh: Mesh, *, batch_size: int, seq_length: int, micro_ba
     """Per-device memory of ``make_train_step`` on ``mesh`` for ``model`` (abstract or real, LoRA
     applied), ``batch_size`` sequences per data-parallel device (as
     ``per_device_train_batch_size``) of ``seq_length`` tokens, ``micro_batches`` accumulated."""
-    from ..train import make_optimizer, make_train_step, split_model
+    from ..train import estimate_memory, make_optimizer, make_train_step, split_model
     from ..train._paged import PagedState
     from . import BATCH_AXES, batch_sharding
 
@@ -97,10 +104,15 @@ def step_memory(model, mesh: Mesh, *, batch_size: int, seq_length: int, micro_ba
                                    + m.temp_size_in_bytes - m.host_argument_size_in_bytes
                                    - m.host_output_size_in_bytes + m.host_alias_size_in_bytes
                                    - m.host_temp_size_in_bytes)
-    return StepMemory(mesh=dict(mesh.shape), base=bytes_per_device(frozen, f_sh),
-                      adapters=bytes_per_device(trainable, t_sh), optimizer_state=split(on_device),
+    base, adapters = bytes_per_device(frozen, f_sh), bytes_per_device(trainable, t_sh)
+    est = estimate_memory(model, batch_size=batch_size, seq_length=seq_length, micro_batches=micro_batches,
+                          optimizer=optim)
+    share = adapters / max(est.adapters, 1)  # the adapters' (and so their gradients' and state's) split
+    estimated = int(base + share * (est.adapters + est.gradients + est.optimizer_state) + est.activations + est.batch)
+    return StepMemory(mesh=dict(mesh.shape), base=base, adapters=adapters, optimizer_state=split(on_device),
                       optimizer_state_host=split(on_host), batch=bytes_per_device(batch, b_sh),
-                      temporaries=0 if m is None else int(m.temp_size_in_bytes), peak=peak)
+                      temporaries=0 if m is None else int(m.temp_size_in_bytes), peak=peak,
+                      estimated_peak=estimated)
 
 
 def abstract_lora_model(path, lora, *, quantization=None, dtype=jnp.bfloat16, gradient_checkpointing=True):

@@ -219,7 +219,8 @@ def gather_weight(w, *, row_parallel: bool):
         return w
     if isinstance(w, QuantizedArray):
         rows, cols = w.logical_shape[0], math.prod(w.logical_shape[1:])
-        axis = None if row_parallel else _fit(mesh, rows, ("tensor",), ok=lambda n: (rows // n * cols) % w.blocksize == 0)
+        whole_blocks = lambda n: (rows // n * cols) % w.blocksize == 0  # noqa: E731
+        axis = None if row_parallel else _fit(mesh, rows, ("tensor",), ok=whole_blocks)
         lead = len(w.batch_shape)
         split = P() if axis is None else P(*(None,) * lead, axis)
         c = lambda a, s: None if a is None else jax.lax.with_sharding_constraint(a, s)  # noqa: E731

@@ -62,15 +62,20 @@ def _comparable(config: dict) -> dict:
 
 def _prepare_output_dir(config: RunConfig) -> tuple[Path, bool]:
     """Create or reuse ``output_dir``; returns (dir, resume?). A directory holding another run's
-    checkpoints is refused unless ``resume=true`` (continue anyway) or ``overwrite_output_dir``."""
+    checkpoints is refused unless ``resume=true`` (continue anyway) or ``overwrite_output_dir``.
+    With several processes each one checks (all raise alike), then process 0 alone writes."""
     from ..config import config_to_dict
+    from ..distributed import is_main_process, sync
 
     out = Path(config.output_dir)
     saved = out / "run_config.json"
     has_checkpoints = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
     current = config_to_dict(config)
+    main = is_main_process()
     if config.overwrite_output_dir and out.exists():
-        shutil.rmtree(out)
+        sync("qlora_jax.output_dir.read")  # every process has looked before process 0 removes it
+        if main:
+            shutil.rmtree(out)
         has_checkpoints = False
     elif has_checkpoints and config.resume is not False:
         previous = json.loads(saved.read_text()) if saved.exists() else None
@@ -83,8 +88,11 @@ def _prepare_output_dir(config: RunConfig) -> tuple[Path, bool]:
     elif has_checkpoints:  # resume=false with checkpoints present
         raise ValueError(f"output_dir {str(out)!r} holds checkpoints and resume=false; pass "
                          "overwrite_output_dir=true to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(current, indent=2))
+    sync("qlora_jax.output_dir.checked")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(current, indent=2))
+    sync("qlora_jax.output_dir.ready")
     return out, has_checkpoints
 
 
@@ -99,8 +107,12 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
 
     from ..builtin import resolve
 
+    from ..distributed import initialize, is_main_process
+
+    initialize()  # a multi-process run (qlora-jax launch, SLURM, ...) joins its group; one process: nothing
+    main = is_main_process()  # process 0 logs and writes run outputs; every process trains and checkpoints
     out, resume = _prepare_output_dir(config)
-    say = log if log is not None else print
+    say = (log if log is not None else print) if main else (lambda *_: None)
     t = config.training
     model_path = resolve(config.model.name_or_path)
     mesh = None
@@ -149,12 +161,13 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     put_batch = jnp.asarray
     if mesh is not None:  # the base came onto its shards while loading; the adapters go now
         from ..sharding import batch_sharding, param_shardings, place, replicated, replicated_leaves
+        from ..sharding import put_batch as put_global_batch
 
         parts = parts._replace(trainable=jax.device_put(parts.trainable, param_shardings(parts.trainable, mesh)),
                                frozen=jax.device_put(parts.frozen, param_shardings(parts.frozen, mesh)),
                                rngs=place(parts.rngs, replicated(mesh)))
         nnx.update(model, parts.trainable, parts.rngs, parts.frozen)  # generation uses the placed weights too
-        put_batch = lambda v: jax.device_put(v, batch_sharding(mesh))  # noqa: E731
+        put_batch = lambda v: put_global_batch(v, batch_sharding(mesh))  # noqa: E731 (this process's rows)
         whole = replicated_leaves(parts.frozen, jax.tree.map(lambda x: x.sharding, parts.frozen), mesh)
         if whole:
             say(f"{len(whole)} base weight(s) of 1 MiB or more stay whole on every device (their shape does not "
@@ -176,7 +189,8 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
         trainable, rngs, opt_state = restored["trainable"], restored["rngs"], restored["opt_state"]
         opt_state = place_on_host(opt_state)  # a paged state goes back to host memory
         position = DataPosition(meta["epoch"], meta["batch"])
-        _drop_metrics_after(out / "metrics.jsonl", step)  # steps past the checkpoint are trained again
+        if main:
+            _drop_metrics_after(out / "metrics.jsonl", step)  # steps past the checkpoint are trained again
         if meta.get("stopped_early"):
             total_steps = step  # the run ended by early stopping: nothing more to train
     stream = iterate_batches(data, batch_size=global_batch, micro_batches=t.gradient_accumulation_steps,
@@ -191,7 +205,12 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
                              batch_size=global_batch, max_seq_length=d.max_seq_length,
                              pad_token_id=tokenizer.pad_token_id)
     summary = {}
-    if eval_data is not None and t.eval_exact_match and step == 0:
+    exact_match = eval_data is not None and t.eval_exact_match
+    if exact_match and jax.process_count() > 1:  # generation here reads the whole model in one process
+        exact_match = False
+        say("training.eval_exact_match is skipped in multi-process runs (eval loss is still computed); run "
+            "qlora-jax generate with the adapter afterwards")
+    if exact_match and step == 0:
         summary["before"] = {**evaluate(), **evaluate_exact_match(model, tokenizer, eval_records, d.format, fields)}
         say(f"before training: eval_loss {summary['before']['eval_loss']:.4f}, exact match "
             f"{100 * summary['before']['exact_match']:.1f}% on {summary['before']['num_eval_prompts']} "
@@ -199,10 +218,10 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     schedule = make_schedule(t.learning_rate, t.lr_scheduler_type, num_training_steps=total_steps,
                              warmup_steps=warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio))
     stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_threshold, **meta.get("early_stopping", {}))
-    logger = MetricsLogger(out, tensorboard="tensorboard" in t.report_to, start_step=step)
-    bar = tqdm(total=total_steps, initial=step, disable=t.disable_tqdm, desc="train", unit="step",
+    logger = MetricsLogger(out, tensorboard="tensorboard" in t.report_to, start_step=step, enabled=main)
+    bar = tqdm(total=total_steps, initial=step, disable=t.disable_tqdm or not main, desc="train", unit="step",
                dynamic_ncols=True)
-    if log is None and not t.disable_tqdm:
+    if log is None and not t.disable_tqdm and main:
         say = bar.write  # messages above the bar, not through it
     if resume and step:
         say(f"resumed from step {step} ({out / 'checkpoints' / str(step)})")
@@ -263,17 +282,24 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     bar.close()
     logger.close()
     checkpointer.close()
-    update_model(model, trainable, rngs)
-    if finished:
+    if jax.process_count() > 1:  # the adapters' shards live in several processes: gather them to write
+        from jax.experimental import multihost_utils
+
+        update_model(model, multihost_utils.process_allgather(trainable, tiled=True))
+    else:
+        update_model(model, trainable, rngs)
+    if finished and main:
         save_adapter(model, out / "adapter")
         if t.plot_loss:
             plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-        if eval_data is not None and t.eval_exact_match:
+    if finished:
+        if exact_match:
             summary["after"] = {**evaluate(), **evaluate_exact_match(model, tokenizer, eval_records, d.format, fields)}
             say(f"after training:  eval_loss {summary['after']['eval_loss']:.4f}, exact match "
                 f"{100 * summary['after']['exact_match']:.1f}% on {summary['after']['num_eval_prompts']} held-out "
                 "prompts")
-            (out / "eval_summary.json").write_text(json.dumps(summary, indent=2))
+            if main:
+                (out / "eval_summary.json").write_text(json.dumps(summary, indent=2))
     if stopper.patience:
         summary["best_eval_loss"], summary["best_step"] = stopper.best, stopper.best_step
     return {"step": step, "total_steps": total_steps, "loss": last_loss, "model": model, **summary}
@@ -314,15 +340,17 @@ class MetricsLogger:
     """One JSON line per record in ``metrics.jsonl``, and TensorBoard scalars under ``runs/``
     (train/... and eval/...); a resumed run drops TensorBoard events past its checkpoint."""
 
-    def __init__(self, out: Path, *, tensorboard: bool, start_step: int = 0):
-        self.file = (out / "metrics.jsonl").open("a")
+    def __init__(self, out: Path, *, tensorboard: bool, start_step: int = 0, enabled: bool = True):
+        self.file = (out / "metrics.jsonl").open("a") if enabled else None
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "runs"), purge_step=start_step or None)
 
     def write(self, record: dict) -> None:
+        if self.file is None:  # not process 0
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -333,7 +361,8 @@ class MetricsLogger:
             self.tb.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
