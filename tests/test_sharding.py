@@ -17,13 +17,14 @@ MESHES = ["8,1,1", "1,8,1", "2,4,1", "1,4,2"]  # data x fsdp x tensor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim", ["sgd", "paged_adamw_32bit"])
+@pytest.mark.parametrize("optim", ["sgd", "paged_adamw_32bit", "paged_adamw_8bit"])
 def test_sharded_training_equals_single_device(tmp_path, optim):
     """10 QLoRA steps on one device and on 8 devices as data=8, fsdp=8, data=2 x fsdp=4 and
     tensor=2 x fsdp=4 (tests/_sharded_run.py): the same losses; with SGD (update = gradient) the
     same adapters to fp32 reduction order. With (paged) Adam, whose normalised step turns a
     rounding-level change of a near-zero gradient into a change of up to one learning rate, the
-    adapters agree to a small fraction of one step (seen: up to 1.4% of lr = 1e-2 after 10 steps).
+    adapters agree to a small fraction of one step (seen: up to 1.4% of lr = 1e-2 after 10 steps);
+    with 8-bit state, whose codes can flip, in bulk (see below).
     The base, adapters and optimizer state are split as the mesh says, the state in host memory."""
     import numpy as np
 
@@ -56,6 +57,14 @@ def test_sharded_training_equals_single_device(tmp_path, optim):
         print(f"[{optim}, mesh {name}] adapters differ by {drift:.3g} (scale {scale:.3g})")
         if optim == "sgd":
             assert drift <= 1e-5 * scale, name  # the gradient reductions sum in another order
+        elif optim == "paged_adamw_8bit":
+            # a rounding-level change of a gradient can move an 8-bit moment to the neighbouring code,
+            # and Adam's normalised step turns that into up to one lr (1e-2) for a few entries (seen: 1.3%
+            # beyond 5% of lr); the bulk agrees far below it (seen: median 3e-6)
+            diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                                    for a, b in zip(run["adapters"], single["adapters"])])
+            assert np.median(diffs) <= 1e-3 * 1e-2 and (diffs > 0.05 * 1e-2).mean() < 0.05, name
+            assert drift <= 1e-2, name
         else:
             # Adam divides by sqrt(v): where a gradient entry is near zero, a rounding-level change of it
             # moves the step by a sizeable part of lr; the SGD case above shows the gradients agree
