@@ -11,6 +11,10 @@ Dispatch is by the weight's type and ``backend``, never by model code:
 - ``auto``: pallas on GPU, the XLA path elsewhere (the native CPU kernel, ``cpu``, is not built
   yet and is refused by name).
 
+Under a mesh in context (``jax.set_mesh``) the kernel backends run in a ``shard_map`` over the
+batch axes (data, fsdp): each device multiplies its rows of x by the whole (gathered) weight, as
+XLA's partitioner cannot split the kernels' custom calls.
+
 Gradients: with respect to ``x`` only (dx = dy @ dequant(W)); the frozen quantized weight gets a
 symbolic zero, so no gradient buffer of its size is ever made.
 """
@@ -171,15 +175,11 @@ _qmatmul_triton.defvjp(lambda x2, w, interpret: (_qmatmul_triton(x2, w, interpre
 
 def resolve_backend(backend: str, w) -> str:
     """The backend that will run: ``auto`` is pallas on GPU for a weight the kernel takes, else
-    xla; a named kernel backend falls back to xla for weights it does not take. Under a mesh of
-    several devices (``jax.set_mesh``) ``auto`` takes xla: XLA's partitioner cannot split a kernel's
-    custom call and would gather its operands whole on every device."""
+    xla; a named kernel backend falls back to xla for weights it does not take."""
     if not isinstance(w, QuantizedArray):
         return "dense"
     if backend == "auto":
-        mesh = jax.sharding.get_abstract_mesh()
-        sharded = not mesh.empty and mesh.size > 1
-        backend = "pallas" if jax.default_backend() == "gpu" and not sharded else "xla"
+        backend = "pallas" if jax.default_backend() == "gpu" else "xla"
     if backend in ("pallas", "triton"):
         from ..kernels import nf4_matmul
 
@@ -223,8 +223,31 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
     chosen = resolve_backend(backend, w)
     interpret = interpret or os.environ.get("QLORA_JAX_PALLAS_INTERPRET") == "1"
     if chosen in ("pallas", "triton"):
-        lead = x.shape[:-1]
         fn = _qmatmul_pallas if chosen == "pallas" else _qmatmul_triton
-        y = fn(x.reshape(-1, x.shape[-1]), w, interpret)
-        return y.reshape(*lead, w.logical_shape[0])
+
+        def run(x, w):
+            return fn(x.reshape(-1, x.shape[-1]), w, interpret).reshape(*x.shape[:-1], w.logical_shape[0])
+
+        axes = _batch_axes(x)
+        if not axes:
+            return run(x, w)
+        # Under a mesh: XLA's partitioner cannot split the kernel's custom call (it would gather x
+        # whole on every device), so each device runs the kernel on its own rows of x against the
+        # whole weight (gathered, 4.5 bits per weight, as FSDP gathers any weight).
+        from jax.sharding import PartitionSpec as P
+
+        return jax.shard_map(run, in_specs=(P(axes), P()), out_specs=P(axes), check_vma=False)(x, w)
     return _qmatmul_xla(x, w)
+
+
+def _batch_axes(x) -> tuple[str, ...]:
+    """The mesh axes (in context, ``jax.set_mesh``) that split x's leading (batch) dimension for a
+    kernel: data and fsdp where they divide it; () without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.ndim < 2:
+        return ()
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return axes if axes and x.shape[0] % n == 0 else ()
