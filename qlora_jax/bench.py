@@ -161,7 +161,6 @@ def multiprocess_step_time(ckpt: str, *, steps: int, batch_per_device: int, seq:
     in each process with the ``qlora_jax.distributed`` environment): median step seconds after two
     warm-up steps, and, with ``profile_dir``, the share of profiled op time spent in collectives."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import qlora_jax
@@ -205,7 +204,6 @@ def multiprocess_step_time(ckpt: str, *, steps: int, batch_per_device: int, seq:
                 run()
         coll, total = collective_seconds(profile_dir)
         out.update(collective_s=coll, op_s=total, collective_share=coll / total if total else float("nan"))
-    jnp.zeros(()).block_until_ready()
     return out
 
 

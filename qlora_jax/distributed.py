@@ -38,6 +38,7 @@ ENV_COLLECTIVES = "QLORA_JAX_CPU_COLLECTIVES"
 ENV_TIMEOUT = "QLORA_JAX_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT = 300
 
+
 class DistributedError(RuntimeError):
     """A process group that cannot form (the coordinator unreachable, a join timed out)."""
 
@@ -99,9 +100,10 @@ def initialize() -> bool:
                                    heartbeat_timeout_seconds=max(10, min(timeout, 100)))
     except Exception as e:  # noqa: BLE001 - re-raised with what to check
         where = coordinator or "the coordinator the cluster names"
-        raise DistributedError(f"process {pid} of {num} could not join the process group at {where} within {timeout} s "
-                           f"({ENV_TIMEOUT}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; check "
-                           "that process 0 runs and that its address and port are reachable from every host") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DistributedError(f"process {pid} of {num} could not join the process group at {where} within "
+                               f"{timeout} s ({ENV_TIMEOUT}): {type(e).__name__}: {first}; check that process 0 runs "
+                               "and that its address and port are reachable from every host") from e
     return jax.process_count() > 1
 
 
@@ -117,8 +119,8 @@ def _wait_for(coordinator: str, timeout: int, pid, num) -> None:
         except OSError as e:
             if time.monotonic() >= deadline:
                 raise DistributedError(f"process {pid} of {num}: the coordinator at {coordinator} cannot be reached "
-                                   f"after {timeout} s ({ENV_TIMEOUT}): {e.strerror or e}; check that process 0 runs "
-                                   "and that this address and port are reachable from every host") from None
+                                       f"after {timeout} s ({ENV_TIMEOUT}): {e.strerror or e}; check that process 0 "
+                                       "runs and that this address and port are reachable from every host") from None
             time.sleep(0.5)
 
 
