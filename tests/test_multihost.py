@@ -212,3 +212,54 @@ def test_launcher_runs_processes_and_reports_the_failing_one(tmp_path, capsys):
     assert code == 2
     assert "failed (exit code 2); stopped the others" in text
     assert all(line.startswith(("[0] ", "[1] ", "qlora-jax launch:", "  [")) for line in text.splitlines() if line)
+
+
+LOAD = """
+import json, sys
+from qlora_jax import distributed
+distributed.initialize()
+import jax, numpy as np, qlora_jax
+from flax import nnx
+from jax.experimental import multihost_utils
+from qlora_jax.models._checkpoint import bytes_read, tensor_specs
+from qlora_jax.sharding import make_mesh
+
+path, out = sys.argv[1], {}
+total = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in tensor_specs(path).values())
+reference = qlora_jax.from_pretrained(path, quantization=qlora_jax.QuantConfig())  # this process, whole tensors
+for name, shape in (("fsdp8", (1, 8, 1)), ("tensor2_fsdp4", (1, 4, 2)), ("data8", (8, 1, 1))):
+    before = bytes_read()
+    model = qlora_jax.from_pretrained(path, quantization=qlora_jax.QuantConfig(), mesh=make_mesh(*shape))
+    read = bytes_read() - before
+    ours, ref = jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reference))
+    same = all(np.array_equal(multihost_utils.process_allgather(x, tiled=True), np.asarray(y)) for x, y in zip(ours, ref))
+    out[name] = {"read_fraction": read / total, "bit_identical": bool(same)}
+if jax.process_index() == 0:
+    json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_each_process_reads_only_its_shards_and_quantizes_exactly(task, tmp_path):
+    """2 processes x 4 devices load the tiny checkpoint onto fsdp=8 and tensor=2 x fsdp=4 meshes:
+    each process reads about half of the checkpoint's bytes (its devices' rows of each linear and
+    columns of the embeddings), and the gathered model (NF4 codes, absmax codes, nested scales,
+    offsets, dense weights) equals the one-process load bit for bit, the offsets included (the
+    bands' absmax are gathered for double quantization). A mesh whose devices each hold a whole
+    copy (data=8) reads everything."""
+    root, _ = task
+    script = tmp_path / "load.py"
+    script.write_text(LOAD)
+    coordinator = f"127.0.0.1:{distributed._free_port()}"
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    procs = [subprocess.Popen([sys.executable, str(script), str(root / "tiny"), str(tmp_path / "out.json")],
+                              env=distributed.process_env(r, 2, coordinator, cpu_devices_per_process=4, timeout=120,
+                                                          base=base),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    out = json.loads((tmp_path / "out.json").read_text())
+    for name in ("fsdp8", "tensor2_fsdp4"):
+        assert out[name]["bit_identical"], name
+        assert 0.45 < out[name]["read_fraction"] < 0.55, (name, out[name])
+    assert out["data8"]["bit_identical"] and out["data8"]["read_fraction"] > 0.99

@@ -82,6 +82,40 @@ def iter_tensors(ckpt: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
                 yield name, f.get_tensor(name)
 
 
+_BYTES_READ = [0]  # bytes of tensor data read through TensorReader (diagnostics, tests)
+
+
+def bytes_read() -> int:
+    """Bytes of tensor data this process has read through ``iter_tensor_readers`` so far."""
+    return _BYTES_READ[0]
+
+
+class TensorReader:
+    """One checkpoint tensor, read lazily: ``shape``, ``dtype`` and ``reader[index]`` (a tuple of
+    slices: only that part is read from the file)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.shape = tuple(handle.get_shape())
+        self.dtype = np.dtype(_DTYPES[handle.get_dtype()])
+
+    def __getitem__(self, index) -> np.ndarray:
+        part = np.asarray(self._handle[index])
+        _BYTES_READ[0] += part.nbytes
+        return part
+
+
+def iter_tensor_readers(ckpt: str | os.PathLike) -> Iterator[tuple[str, TensorReader]]:
+    """Yield (name, TensorReader) one tensor at a time, file by file (nothing read until indexed)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in _weight_files(Path(ckpt)).items():
+        by_file.setdefault(file, []).append(name)
+    for file in sorted(by_file):
+        with _open(file) as f:
+            for name in sorted(by_file[file]):
+                yield name, TensorReader(f.get_slice(name))
+
+
 @functools.cache
 def _libc_malloc_trim():
     try:

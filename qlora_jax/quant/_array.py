@@ -160,18 +160,28 @@ def _over_batch(fn, batch_shape, *args):
     return jax.tree.map(lambda o: o.reshape((*batch_shape, *o.shape[1:])), out)
 
 
-@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "nested_blocksize", "batch_dims"))
+@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "batch_dims"))
+def quantize_first_level(x, *, quant_type, blocksize, batch_dims=0):
+    """(packed codes, fp32 absmax) of each tensor of ``x`` (trailing axes after ``batch_dims``).
+    Blocks are independent: the codes and absmax of a run of whole blocks (a band of rows, say)
+    equal those of the same blocks quantized with the rest of the tensor."""
+    return _over_batch(lambda t: _core.quantize_4bit_flat(t.reshape(-1), quant_type, blocksize),
+                       x.shape[:batch_dims], x)
+
+
+@functools.partial(jax.jit, static_argnames=("nested_blocksize", "batch_dims"))
+def quantize_absmax(absmax, *, nested_blocksize, batch_dims=0):
+    """Double quantization of a whole tensor's fp32 absmax: (uint8 codes, nested fp32 scales, offset)."""
+    return _over_batch(lambda a: _core.quantize_nested_flat(a, nested_blocksize), absmax.shape[:batch_dims], absmax)
+
+
 def _quantize_jit(x, *, quant_type, blocksize, nested_blocksize, batch_dims):
-    batch_shape = x.shape[:batch_dims]
-
-    def one(t):
-        codes, absmax = _core.quantize_4bit_flat(t.reshape(-1), quant_type, blocksize)
-        if nested_blocksize is None:
-            return codes, absmax, None, None
-        qabsmax, absmax2, offset = _core.quantize_nested_flat(absmax, nested_blocksize)
-        return codes, qabsmax, absmax2, offset
-
-    return _over_batch(one, batch_shape, x)
+    # two programs, so that a tensor quantized in bands (multi-process loading) runs the same ones
+    codes, absmax = quantize_first_level(x, quant_type=quant_type, blocksize=blocksize, batch_dims=batch_dims)
+    if nested_blocksize is None:
+        return codes, absmax, None, None
+    qabsmax, absmax2, offset = quantize_absmax(absmax, nested_blocksize=nested_blocksize, batch_dims=batch_dims)
+    return codes, qabsmax, absmax2, offset
 
 
 def quantize(x, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
