@@ -263,3 +263,40 @@ def test_each_process_reads_only_its_shards_and_quantizes_exactly(task, tmp_path
         assert out[name]["bit_identical"], name
         assert 0.45 < out[name]["read_fraction"] < 0.55, (name, out[name])
     assert out["data8"]["bit_identical"] and out["data8"]["read_fraction"] > 0.99
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_others_within_the_timeout_without_a_launcher(task):
+    """Two hosts' processes started by hand (no launcher to stop them): when process 1 dies, JAX's
+    heartbeat (QLORA_JAX_DISTRIBUTED_TIMEOUT=15 s) ends process 0 within the timeout, with a message
+    naming the task that stopped."""
+    root, common = task
+    coordinator = f"127.0.0.1:{distributed._free_port()}"
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    args = [*common, "training.max_steps=100000", "training.save_steps=100000", f"output_dir={root / 'peer'}"]
+    procs = [subprocess.Popen([*CLI, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=distributed.process_env(r, 2, coordinator, cpu_devices_per_process=4, timeout=15,
+                                                          base=base)) for r in range(2)]
+    lines, stepping = [], threading.Event()
+
+    def read():
+        for line in procs[0].stdout:
+            lines.append(line)
+            if "step 2/" in line:
+                stepping.set()
+    threading.Thread(target=read, daemon=True).start()
+    threading.Thread(target=lambda: procs[1].stdout.read(), daemon=True).start()
+    try:
+        assert stepping.wait(600), "".join(lines[-30:])
+        t0 = time.monotonic()
+        procs[1].kill()
+        code = procs[0].wait(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    time.sleep(1)
+    text = "".join(lines)
+    assert code != 0 and elapsed < 15 + 30, (code, elapsed)
+    assert "tasks are unhealthy (stopped sending heartbeats)" in text and "another task died" in text, text[-3000:]
