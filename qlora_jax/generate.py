@@ -14,6 +14,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .models import CausalLM, position_ids_from_mask
@@ -111,6 +112,27 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
     eos = () if eos_token_id is None else tuple([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, input_ids, mask, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                     do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                     repetition_penalty=repetition_penalty, eos=eos, pad_token_id=pad)
+    key = jax.random.key(seed)
+    mesh = _multiprocess_mesh(state)
+    if mesh is not None:  # weights spread over several processes: every process feeds the same prompts
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        input_ids, mask = (jax.device_put(np.asarray(a), whole) for a in (input_ids, mask))
+        key = jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(key)), whole),
+                                       impl=jax.random.key_impl(key))
+    out = _generate(graphdef, state, input_ids, mask, key, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                    eos=eos, pad_token_id=pad)
+    if mesh is not None:  # the same tokens in every process, as a local array
+        from jax.experimental import multihost_utils
+
+        out = jnp.asarray(multihost_utils.process_allgather(out, tiled=True))
+    return out
+
+
+def _multiprocess_mesh(state):
+    """The mesh of a model whose weights span devices of several processes, else None."""
+    for x in jax.tree.leaves(state):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and not x.is_fully_addressable:
+            return sharding.mesh
+    return None

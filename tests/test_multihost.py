@@ -80,10 +80,15 @@ def test_two_processes_train_as_one_and_resume_across_process_counts(task):
     Only process 0 writes metrics and the adapter; the launcher prefixes output by rank."""
     root, common = task
     four = ["training.max_steps=4"]
-    _launch(1, 8, [*common, *four, f"output_dir={root / 'one'}"])
-    two = _launch(2, 4, [*common, *four, f"output_dir={root / 'two'}"])
+    exact = ["training.eval_exact_match=true"]  # greedy generation on the sharded model, before and after
+    _launch(1, 8, [*common, *four, *exact, f"output_dir={root / 'one'}"])
+    two = _launch(2, 4, [*common, *four, *exact, f"output_dir={root / 'two'}"])
     assert "[0] step 4/4" in two.stdout and "[1] step" not in two.stdout  # process 1 stays quiet
     _assert_same_run(root / "two", root / "one")
+    summaries = [json.loads((root / d / "eval_summary.json").read_text()) for d in ("two", "one")]
+    for when in ("before", "after"):
+        assert summaries[0][when]["exact_match"] == summaries[1][when]["exact_match"], summaries
+        assert summaries[0][when]["num_eval_prompts"] == summaries[1][when]["num_eval_prompts"] > 0
     fsdp = ["mesh.data=2", "mesh.fsdp=4"]
     _launch(2, 4, [*common, *fsdp, "training.max_steps=2", f"output_dir={root / 'two_then_one'}"])
     _launch(1, 8, [*common, *four, "resume=true", f"output_dir={root / 'two_then_one'}"])

@@ -206,10 +206,6 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
                              pad_token_id=tokenizer.pad_token_id)
     summary = {}
     exact_match = eval_data is not None and t.eval_exact_match
-    if exact_match and jax.process_count() > 1:  # generation here reads the whole model in one process
-        exact_match = False
-        say("training.eval_exact_match is skipped in multi-process runs (eval loss is still computed); run "
-            "qlora-jax generate with the adapter afterwards")
     if exact_match and step == 0:
         summary["before"] = {**evaluate(), **evaluate_exact_match(model, tokenizer, eval_records, d.format, fields)}
         say(f"before training: eval_loss {summary['before']['eval_loss']:.4f}, exact match "
@@ -282,14 +278,17 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     bar.close()
     logger.close()
     checkpointer.close()
-    if jax.process_count() > 1:  # the adapters' shards live in several processes: gather them to write
+    update_model(model, trainable, rngs)
+    if finished and jax.process_count() > 1:  # the adapters' shards live in several processes: gather to write
         from jax.experimental import multihost_utils
 
-        update_model(model, multihost_utils.process_allgather(trainable, tiled=True))
-    else:
-        update_model(model, trainable, rngs)
-    if finished and main:
+        adapters = multihost_utils.process_allgather(trainable, tiled=True)
+        if main:  # written from host copies; the model keeps the global arrays (generation below)
+            save_adapter(update_model(model, adapters), out / "adapter")
+            update_model(model, trainable)
+    elif finished and main:
         save_adapter(model, out / "adapter")
+    if finished and main:
         if t.plot_loss:
             plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
     if finished:
