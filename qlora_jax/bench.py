@@ -165,7 +165,7 @@ def multiprocess_step_time(ckpt: str, *, steps: int, batch_per_device: int, seq:
 
     import qlora_jax
     from qlora_jax import distributed
-    from qlora_jax.sharding import batch_sharding, make_mesh, param_shardings, place, put_batch, replicated
+    from qlora_jax.sharding import batch_sharding, make_mesh, place, put_batch, replicated, shard
     from qlora_jax.train import init_opt_state, make_optimizer, make_train_step, split_model
 
     distributed.initialize()
@@ -175,7 +175,7 @@ def multiprocess_step_time(ckpt: str, *, steps: int, batch_per_device: int, seq:
     qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
     parts = split_model(model)
     tx = make_optimizer(2e-4, num_training_steps=steps + 10, optim="paged_adamw_32bit")
-    trainable = jax.device_put(parts.trainable, param_shardings(parts.trainable, mesh))
+    trainable = shard(parts.trainable, mesh)
     rngs = place(parts.rngs, replicated(mesh))
     opt_state = init_opt_state(tx, trainable, sharding=mesh)
     step = make_train_step(parts.graphdef, tx, opt_state=opt_state, trainable=trainable, rngs=rngs)
@@ -190,14 +190,9 @@ def multiprocess_step_time(ckpt: str, *, steps: int, batch_per_device: int, seq:
         float(m["loss"])
         state[:] = [t, rg, o]
 
-    run()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    run()  # compile; median_seconds warms up once more, then times steps - 1 steps
     out = {"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
-           "step_s": statistics.median(times[1:]), "tokens_per_step": int(ids.size)}
+           "step_s": median_seconds(run, steps - 1), "tokens_per_step": int(ids.size)}
     if profile_dir is not None:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             for _ in range(3):

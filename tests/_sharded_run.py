@@ -10,7 +10,7 @@ import numpy as np
 
 import qlora_jax
 from qlora_jax.models import write_tiny_llama
-from qlora_jax.sharding import (abstract_lora_model, batch_sharding, make_mesh, param_shardings, place, replicated,
+from qlora_jax.sharding import (abstract_lora_model, batch_sharding, make_mesh, place, replicated, shard,
                                 step_memory)
 from qlora_jax.train import init_opt_state, make_optimizer, make_train_step, split_model
 
@@ -31,7 +31,7 @@ def run(path, optim, mesh_sizes):
         tx = make_optimizer(LR, num_training_steps=10, weight_decay=0.01, max_grad_norm=0.3, optim=optim)
     trainable, rngs, frozen = parts.trainable, parts.rngs, parts.frozen
     if mesh is not None:
-        trainable = jax.device_put(trainable, param_shardings(trainable, mesh))
+        trainable = shard(trainable, mesh)
         rngs = place(rngs, replicated(mesh))
     opt_state = init_opt_state(tx, trainable, sharding=mesh)
     step = make_train_step(parts.graphdef, tx, opt_state=opt_state, trainable=trainable, rngs=rngs)

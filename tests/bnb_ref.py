@@ -125,3 +125,18 @@ def write_reverse_task(root):
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return base, data
+
+
+def write_count_task(root):
+    """A tiny random Llama and 80 "count i:" -> " 0 1 ..." records (JSONL) under ``root``: the
+    multi-device and multi-process trainer runs. Returns (checkpoint, data file)."""
+    import json
+
+    from qlora_jax.models import write_tiny_llama
+
+    base = write_tiny_llama(root / "tiny")
+    rows = [{"prompt": f"count {i}:", "completion": " " + " ".join(str(j) for j in range(i % 7 + 1))}
+            for i in range(80)]
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return base, data

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bnb_ref import write_count_task
 
 from qlora_jax import distributed
 
@@ -22,14 +23,9 @@ CLI = [sys.executable, "-m", "qlora_jax.cli"]
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    from qlora_jax.models import write_tiny_llama
-
     root = tmp_path_factory.mktemp("multihost")
-    base = write_tiny_llama(root / "tiny")
-    rows = [{"prompt": f"count {i}:", "completion": " " + " ".join(str(j) for j in range(i % 7 + 1))}
-            for i in range(80)]
-    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = [f"model={base}", f"data.path={root / 'd.jsonl'}", "model.dtype=float32",
+    base, data = write_count_task(root)
+    common = [f"model={base}", f"data.path={data}", "model.dtype=float32",
               "quantization.compute_dtype=float32", "training.logging_steps=1", "training.learning_rate=1e-3",
               "training.lr_scheduler_type=constant", "training.disable_tqdm=true", "training.report_to=[]",
               "training.plot_loss=false", "data.validation_split=0.2", "training.eval_steps=2",

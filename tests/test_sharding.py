@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from bnb_ref import write_count_task
 
 from qlora_jax.sharding import mesh_shape
 
@@ -104,14 +105,10 @@ def test_trainer_shards_and_resumes_across_meshes(tmp_path):
     import numpy as np
 
     from qlora_jax.config import load_config
-    from qlora_jax.models import write_tiny_llama
     from qlora_jax.train import train
 
-    base = write_tiny_llama(tmp_path / "tiny")
-    rows = [{"prompt": f"count {i}:", "completion": " " + " ".join(str(j) for j in range(i % 7 + 1))}
-            for i in range(80)]
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = [f"model={base}", f"data.path={tmp_path / 'd.jsonl'}", "model.dtype=float32",
+    base, data = write_count_task(tmp_path)
+    common = [f"model={base}", f"data.path={data}", "model.dtype=float32",
               "quantization.compute_dtype=float32", "training.max_steps=4", "training.logging_steps=1",
               "training.learning_rate=1e-3", "training.disable_tqdm=true", "training.report_to=[]",
               "training.plot_loss=false", "data.validation_split=0.2", "training.eval_steps=4",
@@ -227,7 +224,7 @@ KERNEL = textwrap.dedent('''
     from qlora_jax.models import write_tiny_llama
     from qlora_jax.ops import qmatmul
     from qlora_jax.quant import quantize
-    from qlora_jax.sharding import make_mesh, param_shardings, place, put_batch, batch_sharding, replicated
+    from qlora_jax.sharding import make_mesh, place, put_batch, batch_sharding, replicated, shard
     from qlora_jax.train import init_opt_state, make_optimizer, make_train_step, split_model
 
     out = {}
@@ -257,7 +254,7 @@ KERNEL = textwrap.dedent('''
         tx = make_optimizer(1e-2, num_training_steps=3, optim="adamw")
         trainable, rngs = parts.trainable, parts.rngs
         if m is not None:
-            trainable = jax.device_put(trainable, param_shardings(trainable, m))
+            trainable = shard(trainable, m)
             rngs = place(rngs, replicated(m))
         state = init_opt_state(tx, trainable, sharding=m)
         step = make_train_step(parts.graphdef, tx, opt_state=state, trainable=trainable, rngs=rngs)

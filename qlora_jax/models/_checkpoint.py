@@ -71,15 +71,21 @@ def tensor_specs(ckpt: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
     return dict(sorted(specs.items()))
 
 
-def iter_tensors(ckpt: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) one tensor at a time, file by file: host memory holds one tensor."""
+def _each_tensor(ckpt: str | os.PathLike):
+    """Yield (open safetensors file, tensor name), file by file, names sorted within each file."""
     by_file: dict[Path, list[str]] = {}
     for name, file in _weight_files(Path(ckpt)).items():
         by_file.setdefault(file, []).append(name)
     for file in sorted(by_file):
         with _open(file) as f:
             for name in sorted(by_file[file]):
-                yield name, f.get_tensor(name)
+                yield f, name
+
+
+def iter_tensors(ckpt: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) one tensor at a time, file by file: host memory holds one tensor."""
+    for f, name in _each_tensor(ckpt):
+        yield name, f.get_tensor(name)
 
 
 _BYTES_READ = [0]  # bytes of tensor data read through TensorReader (diagnostics, tests)
@@ -107,13 +113,8 @@ class TensorReader:
 
 def iter_tensor_readers(ckpt: str | os.PathLike) -> Iterator[tuple[str, TensorReader]]:
     """Yield (name, TensorReader) one tensor at a time, file by file (nothing read until indexed)."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in _weight_files(Path(ckpt)).items():
-        by_file.setdefault(file, []).append(name)
-    for file in sorted(by_file):
-        with _open(file) as f:
-            for name in sorted(by_file[file]):
-                yield name, TensorReader(f.get_slice(name))
+    for f, name in _each_tensor(ckpt):
+        yield name, TensorReader(f.get_slice(name))
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -232,20 +233,14 @@ def _read_shards(key: str, reader, dtype, quantization: QuantConfig | None, mesh
         absmax[r0 * cols // kw["blocksize"]:r1 * cols // kw["blocksize"]] = np.asarray(a)
     put = lambda full, sharding: jax.make_array_from_callback(full.shape, sharding, lambda i: full[i])  # noqa: E731
     if not kw["double_quant"]:
-        return abstract.__class__(put(codes, target.codes), put(absmax, target.absmax), None, None,
-                                  **_meta(abstract))
+        return dataclasses.replace(abstract, codes=put(codes, target.codes), absmax=put(absmax, target.absmax))
     split = put(absmax, target.absmax)  # every process's bands -> the whole absmax on every device
     whole = jax.jit(lambda x: x, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(split)
     qabsmax, absmax2, offset = quantize_absmax(np.asarray(whole.addressable_data(0)),
                                                nested_blocksize=kw["double_quant_blocksize"])
     qabsmax, absmax2, offset = np.asarray(qabsmax), np.asarray(absmax2), np.asarray(offset)
-    return abstract.__class__(put(codes, target.codes), put(qabsmax, target.absmax),
-                              put(absmax2, target.nested_absmax), put(offset, target.offset), **_meta(abstract))
-
-
-def _meta(q: QuantizedArray) -> dict:
-    return dict(logical_shape=q.logical_shape, dtype=q.dtype, quant_type=q.quant_type, blocksize=q.blocksize,
-                nested_blocksize=q.nested_blocksize)
+    return dataclasses.replace(abstract, codes=put(codes, target.codes), absmax=put(qabsmax, target.absmax),
+                               nested_absmax=put(absmax2, target.nested_absmax), offset=put(offset, target.offset))
 
 
 def _stack(layers: list, key: str, shardings):

@@ -160,11 +160,10 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=None) -
     parts = split_model(model)
     put_batch = jnp.asarray
     if mesh is not None:  # the base came onto its shards while loading; the adapters go now
-        from ..sharding import batch_sharding, param_shardings, place, replicated, replicated_leaves
+        from ..sharding import batch_sharding, place, replicated, replicated_leaves, shard
         from ..sharding import put_batch as put_global_batch
 
-        parts = parts._replace(trainable=jax.device_put(parts.trainable, param_shardings(parts.trainable, mesh)),
-                               frozen=jax.device_put(parts.frozen, param_shardings(parts.frozen, mesh)),
+        parts = parts._replace(trainable=shard(parts.trainable, mesh), frozen=shard(parts.frozen, mesh),
                                rngs=place(parts.rngs, replicated(mesh)))
         nnx.update(model, parts.trainable, parts.rngs, parts.frozen)  # generation uses the placed weights too
         put_batch = lambda v: put_global_batch(v, batch_sharding(mesh))  # noqa: E731 (this process's rows)
