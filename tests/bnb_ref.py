@@ -13,12 +13,10 @@ with warnings.catch_warnings():
     import bitsandbytes.functional as F
     from bitsandbytes.backends.default import ops as default_ops
 
-from qlora_jax.quant import _tables
+from qlora_jax.compare import nested_code_mismatch, nested_scaled  # noqa: F401  (tests import it from here)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# bitsandbytes' CPU 8-bit quantizer looks codes up in a 65536-entry table over [-1, 1]: one step.
-LUT_STEP = 2.0 / 65535
 
 
 def to_jax(t: torch.Tensor):
@@ -56,31 +54,17 @@ def bnb_dequantize_reference(packed: torch.Tensor, absmax: torch.Tensor, quant_t
     return out.reshape(tuple(shape)).float().numpy()
 
 
-def nested_scaled(absmax: np.ndarray, offset: np.float32, absmax2: np.ndarray, nested_blocksize: int):
-    """The values bitsandbytes feeds its 8-bit quantizer: (absmax - offset) / absmax2 per block."""
-    centred = (absmax.astype(np.float32) - np.float32(offset)).astype(np.float32)
-    blocks = np.repeat(absmax2.astype(np.float32), nested_blocksize)[: centred.size]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.clip(centred * (np.float32(1) / blocks), -1, 1)
-
-
 def assert_nested_codes_match(ours, theirs, scaled) -> None:
     """Nested codes agree except where bitsandbytes' CPU lookup table picks the neighbouring code.
 
     Our rule is bitsandbytes' CUDA one (nearest code). Its CPU kernel indexes a 65536-entry table,
     so values within one table step of a midpoint between two codes may take the other one. Any
-    disagreement must be by exactly one code, at such a near-midpoint value.
+    disagreement must be by exactly one code, at such a near-midpoint value
+    (``qlora_jax.compare.nested_code_mismatch``, the comparison report's rule too).
     """
-    ours, theirs, scaled = (np.asarray(a).reshape(-1) for a in (ours, theirs, scaled))
-    diff = ours != theirs
-    if not diff.any():
-        return
-    o, t = ours[diff].astype(np.int64), theirs[diff].astype(np.int64)
-    assert np.all(np.abs(o - t) == 1), f"nested codes differ by more than one step: {list(zip(o, t))[:8]}"
-    lo = np.minimum(o, t)
-    mid = (_tables.DYNAMIC_MAP[lo] + _tables.DYNAMIC_MAP[lo + 1]) / 2
-    dist = np.abs(scaled[diff] - mid)
-    assert np.all(dist <= LUT_STEP), f"a nested code differs away from a midpoint: distances {dist.max()}"
+    reason = nested_code_mismatch(ours, theirs, scaled)
+    assert reason is None, reason
+    diff = np.asarray(ours).reshape(-1) != np.asarray(theirs).reshape(-1)
     # Near-midpoint values are rare (about 0.2% of codes on random weights); on a sample large
     # enough to measure, a larger share would mean a systematic difference, not lookup-table steps.
     assert diff.size < 1000 or diff.mean() < 0.01, f"{diff.mean():.2%} of nested codes differ"

@@ -48,8 +48,11 @@ class Linear(nnx.Module):
         # With a compute dtype (bnb_4bit_compute_dtype) the input is cast to it and the result,
         # bias included, cast back, as bitsandbytes' Linear4bit does.
         xc = x if self.compute_dtype is None else x.astype(self.compute_dtype)
-        # under a mesh (jax.set_mesh): the weight gathered over fsdp, split over tensor; else as it is
-        y = qmatmul(xc, gather_weight(self.weight.get_value(), row_parallel=self.row_parallel), backend=self.kernel)
+        # under a mesh (jax.set_mesh): the weight gathered over fsdp, split over tensor; else as it is.
+        # A weight that is not a Variable was put there by another library (Qwix's PTQ holds a
+        # quantized ``WithAux`` in its place and intercepts the dot): passed on as it is.
+        w = self.weight.get_value() if isinstance(self.weight, nnx.Variable) else self.weight
+        y = qmatmul(xc, gather_weight(w, row_parallel=self.row_parallel), backend=self.kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y.astype(x.dtype)

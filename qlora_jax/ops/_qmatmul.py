@@ -216,7 +216,7 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
         if w.ndim != 2 or w.shape[1] != x.shape[-1]:
             raise ValueError(f"weight shape {tuple(w.shape)} does not fit input [..., {x.shape[-1]}]; "
                              "expected [out, in]")
-        return _dot_t(x, w.astype(x.dtype))
+        return _dot_t(x, w if w.dtype == x.dtype else w.astype(x.dtype))
     if w.batch_shape or len(w.logical_shape) != 2 or w.logical_shape[1] != x.shape[-1]:
         raise ValueError(f"QuantizedArray of shape {w.shape} does not fit input [..., {x.shape[-1]}]; "
                          "expected an unstacked [out, in] weight (map stacked ones with nnx.scan / jax.vmap)")
