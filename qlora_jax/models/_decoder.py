@@ -117,12 +117,13 @@ class CausalLM(nnx.Module):
             return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
         return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_hidden_layers)]
 
-    def forward(self, input_ids_BxS, position_ids_BxS, kv_mask_BxT, cache=None, start=0):
+    def forward(self, input_ids_BxS, position_ids_BxS, kv_mask_BxT, cache=None, start=0, return_hidden=False):
         """Logits of S tokens at cache indices ``start .. start+S-1`` (positions ``position_ids``).
 
         ``kv_mask`` [B, T] marks the real (non-padding) keys; without ``cache``, T = S and the
         tokens attend among themselves. With ``cache`` (from ``init_cache``) their keys and values
-        are written into it and they attend over all T. Returns (logits, new cache or None).
+        are written into it and they attend over all T. Returns (logits, new cache or None);
+        ``return_hidden``: the final normed hidden states [B, S, E] instead of the logits.
         """
         s = input_ids_BxS.shape[1]
         cfg = self.config
@@ -158,6 +159,34 @@ class CausalLM(nnx.Module):
                 new_cache.append(kv)
             cache = None if cache is None else new_cache
         x = self.norm(constrain(x, "batch", None, None))
+        if return_hidden:
+            return x, cache
         if self.lm_head is None:
             return qmatmul(x, self.embed_tokens[...].astype(self.dtype)), cache
         return self.lm_head(x), cache
+
+    def loss_sum(self, input_ids_BxS, attention_mask, labels_BxS, ignore_index: int = -100):
+        """(sum of token losses, number of loss tokens), transformers' causal-LM loss: token t's
+        logits predict label t+1; labels equal to ``ignore_index`` count for nothing. A dense head
+        (the LM head or tied embeddings, not wrapped by an adapter) runs as one op with the loss
+        (``ops.linear_cross_entropy_sum``); any other head through its logits."""
+        from ..ops import linear_cross_entropy_sum
+        from ..sharding import gather_weight
+
+        b, s = input_ids_BxS.shape
+        mask = jnp.asarray(attention_mask)
+        h, _ = self.forward(input_ids_BxS, position_ids_from_mask(mask), mask, return_hidden=True)
+        labels = jnp.concatenate([labels_BxS[:, 1:], jnp.full((b, 1), ignore_index, labels_BxS.dtype)], axis=1)
+        valid = labels != ignore_index
+        head = self.lm_head
+        if head is None:
+            w = self.embed_tokens[...].astype(self.dtype)
+        elif type(head) is Linear and head.bias is None and isinstance(head.weight, nnx.Variable) \
+                and isinstance(head.weight.get_value(), jax.Array):
+            w = gather_weight(head.weight.get_value(), row_parallel=False)
+        else:
+            logits = head(h).astype(jnp.float32)
+            logz = jax.nn.logsumexp(logits, axis=-1)
+            picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+            return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid)
+        return linear_cross_entropy_sum(h, w, labels, valid), jnp.sum(valid)

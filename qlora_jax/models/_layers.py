@@ -90,18 +90,58 @@ class Attention(nnx.Module):
         return out if cache is None else (out, (k, v))
 
 
+def _scores(q5, k, bias, cd):
+    """Pre-softmax scores [B, K, G, S, T] in the compute dtype ``cd``, as eager transformers makes them."""
+    d = q5.shape[-1]
+    scores = jnp.einsum("bskgd,btkd->bkgst", q5, k, preferred_element_type=jnp.float32)
+    scores = scores.astype(cd) * jnp.asarray(d ** -0.5, cd)
+    return scores + bias[:, None, None].astype(cd)
+
+
+def _attend_fwd(q5, k, v, bias):
+    cd = q5.dtype
+    scores = _scores(q5, k, bias, cd)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cd)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32).astype(cd)
+    return out, (q5, k, v, scores)
+
+
+def _attend_bwd(res, dout):
+    # Autodiff of the forward would run the backward's matmuls on fp32 operands (the cotangents
+    # of fp32-accumulated products): XLA:CPU's slow path. Here each gradient is rounded to the
+    # compute dtype where PyTorch's bf16 autograd rounds it, and every matmul takes compute-dtype
+    # operands with fp32 accumulation; in fp32 this is autodiff's arithmetic.
+    q5, k, v, scores = res
+    cd, d = q5.dtype, q5.shape[-1]
+    f32 = jnp.float32
+    p32 = jax.nn.softmax(scores.astype(f32), axis=-1)
+    probs = p32.astype(cd)
+    dv = jnp.einsum("bkgst,bskgd->btkd", probs, dout, preferred_element_type=f32).astype(cd)
+    dprobs = jnp.einsum("bskgd,btkd->bkgst", dout, v, preferred_element_type=f32).astype(cd).astype(f32)
+    dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True))).astype(cd)
+    dscores = dscores * jnp.asarray(d ** -0.5, cd)
+    dq5 = jnp.einsum("bkgst,btkd->bskgd", dscores, k, preferred_element_type=f32).astype(cd)
+    dk = jnp.einsum("bkgst,bskgd->btkd", dscores, q5, preferred_element_type=f32).astype(cd)
+    return dq5, dk, dv, None
+
+
+@jax.custom_vjp
+def _attend(q5, k, v, bias):
+    return _attend_fwd(q5, k, v, bias)[0]
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)  # the mask (bias) gets no gradient
+
+
 def attend(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, bias_BxSxT):
     """Grouped-query attention, eager transformers' arithmetic: scores in the compute dtype times
-    head_dim**-0.5, plus the additive mask, softmax in fp32 cast back, then the values."""
+    head_dim**-0.5, plus the additive mask, softmax in fp32 cast back, then the values. The
+    backward is written out (``_attend_bwd``) so its matmuls run on compute-dtype operands."""
     b, s, h, d = q_BxSxHxD.shape
     kh = k_BxTxKxD.shape[2]
     q = q_BxSxHxD.reshape(b, s, kh, h // kh, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k_BxTxKxD, preferred_element_type=jnp.float32)
-    scores = scores.astype(q.dtype) * jnp.asarray(d ** -0.5, q.dtype)
-    scores = scores + bias_BxSxT[:, None, None].astype(scores.dtype)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxD, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).reshape(b, s, h, d)
+    k, v = k_BxTxKxD.astype(q.dtype), v_BxTxKxD.astype(q.dtype)
+    return _attend(q, k, v, jax.lax.stop_gradient(bias_BxSxT)).reshape(b, s, h, d)
 
 
 class MLP(nnx.Module):

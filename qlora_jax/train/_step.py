@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from ..lora import LoraParam
-from ._loss import IGNORE_INDEX, causal_lm_loss_sum
+from ._loss import IGNORE_INDEX
 
 
 class SplitModel(NamedTuple):
@@ -93,8 +93,7 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rng
     total = jnp.maximum(jnp.sum(batch["labels"][:, :, 1:] != IGNORE_INDEX), 1).astype(jnp.float32)
 
     def micro_loss(model, micro):
-        logits = model(micro["input_ids"], micro["attention_mask"])
-        loss_sum, _ = causal_lm_loss_sum(logits, micro["labels"], IGNORE_INDEX)
+        loss_sum, _ = model.loss_sum(micro["input_ids"], micro["attention_mask"], micro["labels"], IGNORE_INDEX)
         return loss_sum / total * scale
 
     grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, LoraParam))

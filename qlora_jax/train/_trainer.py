@@ -29,7 +29,7 @@ from ..data import (DataPosition, Fields, Tokenized, batches_per_epoch, iterate_
                     tokenize)
 from ..lora import apply_lora, save_adapter
 from ..models import from_pretrained
-from ._loss import IGNORE_INDEX, causal_lm_loss_sum
+from ._loss import IGNORE_INDEX
 from ._optim import make_optimizer, make_schedule, warmup_steps_for
 from ._paged import place_on_host
 from ._step import init_opt_state, make_train_step, split_model, update_model
@@ -422,8 +422,7 @@ def evaluate_exact_match(model, tokenizer, records, fmt, fields, max_examples: i
 def _eval_sums(graphdef, trainable, rngs, frozen, batch):
     model = nnx.merge(graphdef, trainable, rngs, frozen)
     model.eval()  # dropout off
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return causal_lm_loss_sum(logits, batch["labels"], IGNORE_INDEX)
+    return model.loss_sum(batch["input_ids"], batch["attention_mask"], batch["labels"], IGNORE_INDEX)
 
 
 def evaluate_loss(graphdef, trainable, rngs, frozen, data, *, batch_size: int, max_seq_length: int,

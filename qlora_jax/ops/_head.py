@@ -1,0 +1,66 @@
+"""``linear_cross_entropy_sum``: the LM head and the token cross-entropy as one op.
+
+transformers computes logits = h @ W^T in the compute dtype, then the loss on ``logits.float()``.
+Written as two ops, JAX's autodiff runs the backward's big matmul (dlogits @ W, [tokens, vocab] x
+[vocab, hidden]) on fp32 operands, with W converted to fp32 first: XLA:CPU's slow path, and an fp32
+copy of the head. Here the backward is written out: softmax minus one-hot in fp32 from the saved
+logits (in the compute dtype: exactly the rounded logits the loss saw), rounded to the compute
+dtype where PyTorch's autograd rounds it, then compute-dtype matmuls with fp32 accumulation. In
+fp32 it is autodiff's arithmetic.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _logits(h, w):
+    """[N, V] in the compute dtype (h's): fp32 accumulation, rounded as transformers' logits are."""
+    return jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(h.dtype)
+
+
+def _fwd(h, w, labels, valid):
+    logits = _logits(h, w)
+    l32 = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(l32, axis=-1)
+    picked = jnp.take_along_axis(l32, labels[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(valid, lse - picked, 0.0)), (h, w, logits, lse, labels, valid)
+
+
+def _bwd(res, ct):
+    h, w, logits, lse, labels, valid = res
+    p = jnp.exp(logits.astype(jnp.float32) - lse[:, None])
+    onehot = jnp.arange(logits.shape[-1])[None, :] == labels[:, None]
+    g = ((p - onehot) * jnp.where(valid, ct, 0.0)[:, None]).astype(h.dtype)
+    f32 = jnp.float32
+    dh = jax.lax.dot_general(g, w.astype(h.dtype), (((1,), (0,)), ((), ())), preferred_element_type=f32)
+    dw = jax.lax.dot_general(g, h, (((0,), (0,)), ((), ())), preferred_element_type=f32)  # unused if frozen
+    return dh.astype(h.dtype), dw.astype(w.dtype), None, None
+
+
+@jax.custom_vjp
+def _loss_sum(h, w, labels, valid):
+    return _fwd(h, w, labels, valid)[0]
+
+
+_loss_sum.defvjp(_fwd, _bwd)
+
+
+def linear_cross_entropy_sum(h: jax.Array, w: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Sum over tokens of ``-log softmax(h @ w^T)[label]`` where ``valid``.
+
+    Args:
+      h: hidden states [..., E] in the compute dtype.
+      w: the head [V, E] (dense; cast to h's dtype).
+      labels: int [...], any value where not ``valid``.
+      valid: bool [...].
+    Returns:
+      fp32 scalar; differentiable with respect to h and w.
+    """
+    if w.ndim != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(f"head weight shape {tuple(w.shape)} does not fit hidden states [..., {h.shape[-1]}]; "
+                         "expected [vocab, hidden]")
+    e = h.shape[-1]
+    labels = jnp.where(valid, labels, 0).reshape(-1).astype(jnp.int32)
+    return _loss_sum(h.reshape(-1, e), w.astype(h.dtype), labels, valid.reshape(-1))

@@ -1,0 +1,107 @@
+"""Ops whose backward is written out for the CPU's fast matmul path (compute-dtype operands, fp32
+accumulation): the LM head + cross-entropy (``ops.linear_cross_entropy_sum``) and attention
+(``models._layers.attend``). In fp32 they must equal autodiff of the plain formulas; in bf16 they
+round where PyTorch's autograd rounds, so they agree with autodiff to bf16 precision."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import qlora_jax
+from qlora_jax.models._layers import attend
+from qlora_jax.ops import linear_cross_entropy_sum
+from qlora_jax.train import causal_lm_loss_sum
+
+
+def _naive_head_loss(h, w, labels, valid):
+    logits = jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    logits = logits.astype(h.dtype).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(valid, lse - picked, 0.0))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_linear_cross_entropy_matches_autodiff(dtype, tol):
+    k = jax.random.split(jax.random.key(0), 3)
+    h = jax.random.normal(k[0], (37, 48)).astype(dtype)
+    w = (jax.random.normal(k[1], (300, 48)) * 0.2).astype(dtype)
+    labels = jax.random.randint(k[2], (37,), 0, 300)
+    valid = jnp.arange(37) % 5 != 0
+    ours, (dh, dw) = jax.value_and_grad(linear_cross_entropy_sum, argnums=(0, 1))(h, w, labels, valid)
+    ref, (rh, rw) = jax.value_and_grad(_naive_head_loss, argnums=(0, 1))(h, w, labels, valid)
+    assert dh.dtype == h.dtype and dw.dtype == w.dtype
+    assert abs(float(ours) - float(ref)) <= 1e-6 * abs(float(ref))  # the same rounded logits
+    assert _rel(dh, rh) < tol and _rel(dw, rw) < tol
+
+
+def test_linear_cross_entropy_rejects_a_misfit_head():
+    with pytest.raises(ValueError, match=r"head weight shape \(10, 7\)"):
+        linear_cross_entropy_sum(jnp.zeros((3, 8)), jnp.zeros((10, 7)), jnp.zeros(3, jnp.int32), jnp.ones(3, bool))
+
+
+def _naive_attend(q, k, v, bias):
+    b, s, h, d = q.shape
+    kh = k.shape[2]
+    q5 = q.reshape(b, s, kh, h // kh, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q5, k, preferred_element_type=jnp.float32)
+    scores = scores.astype(q.dtype) * jnp.asarray(d ** -0.5, q.dtype) + bias[:, None, None].astype(q.dtype)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, s, h, d)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_attention_backward_matches_autodiff(dtype, tol):
+    k = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(k[0], (2, 7, 4, 16)).astype(dtype)
+    kk = jax.random.normal(k[1], (2, 7, 2, 16)).astype(dtype)
+    v = jax.random.normal(k[2], (2, 7, 2, 16)).astype(dtype)
+    causal = jnp.where(jnp.arange(7)[None, :] <= jnp.arange(7)[:, None], 0.0, jnp.finfo(jnp.float32).min)
+    bias = jnp.broadcast_to(causal, (2, 7, 7)).astype(dtype)
+    dout = jax.random.normal(k[3], (2, 7, 4, 16)).astype(dtype)
+    ours, vjp = jax.vjp(lambda *a: attend(*a, bias), q, kk, v)
+    ref, ref_vjp = jax.vjp(lambda *a: _naive_attend(*a, bias), q, kk, v)
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))  # forward unchanged
+    for a, b in zip(vjp(dout), ref_vjp(dout)):
+        assert a.dtype == b.dtype and _rel(a, b) < tol
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from qlora_jax.models import write_tiny_checkpoint
+
+    return {tied: write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", vocab_size=300,
+                                        tie_word_embeddings=tied) for tied in (False, True)}
+
+
+@pytest.mark.parametrize("head", ["dense", "tied", "lora"])
+def test_model_loss_sum_matches_transformers_loss(checkpoints, head):
+    """model.loss_sum (the fused head for a dense head; the logits path for an adapted one) equals
+    causal_lm_loss_sum of the logits and transformers' own loss, padding and ignored labels included."""
+    tiny = checkpoints[head == "tied"]
+    model = qlora_jax.from_pretrained(tiny)
+    assert (model.lm_head is None) == (head == "tied")
+    if head == "lora":
+        qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    ids = np.random.default_rng(0).integers(3, 300, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    labels = np.where(mask > 0, ids, -100)
+    labels[0, 5] = -100
+    total, count = model.loss_sum(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels))
+    via_logits = causal_lm_loss_sum(model(jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(labels))
+    assert int(count) == int(via_logits[1]) and abs(float(total) - float(via_logits[0])) < 1e-5 * float(total)
+    if head != "lora":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager").eval()
+        with torch.no_grad():
+            theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
+        assert abs(float(total / count) - float(theirs)) < 1e-5 * float(theirs)
