@@ -103,5 +103,6 @@ def test_model_loss_sum_matches_transformers_loss(checkpoints, head):
     if head != "lora":
         hf = transformers.AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager").eval()
         with torch.no_grad():
-            theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
+            theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                        labels=torch.tensor(labels)).loss
         assert abs(float(total / count) - float(theirs)) < 1e-5 * float(theirs)
