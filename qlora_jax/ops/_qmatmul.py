@@ -8,8 +8,11 @@ Dispatch is by the weight's type and ``backend``, never by model code:
   the blocksize and of 64 take the XLA path;
 - ``triton``: the forward through the plain Triton kernel (``qlora_jax.kernels.triton_nf4``) via
   jax-triton, GPU only, to compare the two lowering paths; dx through the Pallas dx kernel;
-- ``auto``: pallas on GPU, the XLA path elsewhere (the native CPU kernel, ``cpu``, is not built
-  yet and is refused by name).
+- ``cpu``: the native CPU kernel (``qlora_jax.kernels.cpu_nf4``, C++ through XLA FFI, built on
+  first use) for up to 16 rows of x (decode), reading the packed codes without writing a
+  dequantized weight; more rows, float16, a mesh in context, or a machine where it cannot be
+  built: the XLA path. dx through the XLA path;
+- ``auto``: pallas on GPU, cpu on CPU, the XLA path elsewhere.
 
 Under a mesh in context (``jax.set_mesh``) the kernel backends run in a ``shard_map`` over the
 batch axes (data, fsdp): each device multiplies its rows of x by the whole (gathered) weight, as
@@ -22,6 +25,7 @@ symbolic zero, so no gradient buffer of its size is ever made.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -30,7 +34,6 @@ import jax.numpy as jnp
 from ..quant import QuantizedArray, dequantize
 
 BACKENDS = ("auto", "pallas", "triton", "cpu", "xla")
-_BUILT = ("auto", "pallas", "triton", "xla")
 
 
 def _dot_t(x, w):
@@ -173,13 +176,35 @@ def _qmatmul_triton(x2, w: QuantizedArray, interpret: bool):
 _qmatmul_triton.defvjp(lambda x2, w, interpret: (_qmatmul_triton(x2, w, interpret), w), _pallas_bwd)
 
 
+@jax.custom_vjp
+def _qmatmul_cpu(x2, w: QuantizedArray):
+    from ..kernels import cpu_nf4
+    from ..quant._array import dequantize_absmax
+    from ..quant._tables import CODE_TABLES
+
+    table = jnp.asarray(CODE_TABLES[w.quant_type], jnp.float32)
+    return cpu_nf4.cpu_gemv(x2, w.codes, dequantize_absmax(w), table, n=w.logical_shape[0], blocksize=w.blocksize)
+
+
+_qmatmul_cpu.defvjp(lambda x2, w: (_qmatmul_cpu(x2, w), w), _bwd)
+
+
+def _cpu_kernel_takes(x, w: QuantizedArray) -> bool:
+    from ..kernels import cpu_nf4
+
+    rows = math.prod(x.shape[:-1])
+    return (cpu_nf4.supported(rows, x.dtype) and jax.sharding.get_abstract_mesh().empty
+            and cpu_nf4.available())
+
+
 def resolve_backend(backend: str, w) -> str:
-    """The backend that will run: ``auto`` is pallas on GPU for a weight the kernel takes, else
-    xla; a named kernel backend falls back to xla for weights it does not take."""
+    """The backend that will run: ``auto`` is pallas on GPU for a weight the kernel takes, cpu on
+    CPU (``qmatmul`` then takes the XLA path for inputs the CPU kernel does not), else xla; a
+    named kernel backend falls back to xla for weights it does not take."""
     if not isinstance(w, QuantizedArray):
         return "dense"
     if backend == "auto":
-        backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+        backend = {"gpu": "pallas", "cpu": "cpu"}.get(jax.default_backend(), "xla")
     if backend in ("pallas", "triton"):
         from ..kernels import nf4_matmul
 
@@ -207,8 +232,6 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; expected one of {BACKENDS}")
-    if backend not in _BUILT:
-        raise ValueError(f"backend={backend!r} is not built yet; available now: {_BUILT} (the XLA path)")
     if threshold is not None:
         raise ValueError(f"threshold={threshold!r} applies to 8-bit weights only; this weight is "
                          f"{type(w).__name__}")
@@ -221,6 +244,10 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
         raise ValueError(f"QuantizedArray of shape {w.shape} does not fit input [..., {x.shape[-1]}]; "
                          "expected an unstacked [out, in] weight (map stacked ones with nnx.scan / jax.vmap)")
     chosen = resolve_backend(backend, w)
+    if chosen == "cpu":
+        if not _cpu_kernel_takes(x, w):
+            return _qmatmul_xla(x, w)
+        return _qmatmul_cpu(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.logical_shape[0])
     interpret = interpret or os.environ.get("QLORA_JAX_PALLAS_INTERPRET") == "1"
     if chosen in ("pallas", "triton"):
         fn = _qmatmul_pallas if chosen == "pallas" else _qmatmul_triton

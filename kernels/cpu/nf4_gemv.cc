@@ -1,0 +1,200 @@
+// y = x @ dequantize(W)^T for a 4-bit (NF4/FP4) weight in bitsandbytes' layout, on the CPU, as an
+// XLA FFI custom call (qlora_jax.kernels.cpu_nf4). Decode-sized x (a few rows): the packed codes
+// are read once, looked up in the 16-entry code table (one AVX-512 permute per 16 codes), scaled
+// by their block's absmax, rounded to x's dtype as `dequantize(w, x.dtype)` rounds, and multiplied
+// with every row of x with fp32 accumulation; the dequantized weight is never written.
+//
+// Operands: x [M, K] (f32 | bf16), codes u8 [N*K/2] (two codes per byte, first in the high
+// nibble, row-major over the flattened [N, K] weight), absmax f32 [ceil(N*K/blocksize)] (the
+// first-level scales, double quantization already undone), table f32 [16]. Result y [M, N] in
+// x's dtype. Rows of W are split over OpenMP threads.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QLORA_AVX512 1
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float bf16_bits_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16_bits(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_bits_to_f32(f32_to_bf16_bits(f)); }
+
+// One weight element, as dequantize(w, dtype) makes it: fp32 product, then rounded to dtype.
+inline float weight(const uint8_t* codes, const float* absmax, const float* table, int64_t flat,
+                    int64_t blocksize, bool bf16) {
+  uint8_t byte = codes[flat >> 1];
+  int code = (flat & 1) ? (byte & 0xF) : (byte >> 4);
+  float w = table[code] * absmax[flat / blocksize];
+  return bf16 ? round_bf16(w) : w;
+}
+
+// Any shape: element by element (K odd, blocks not aligned to 32-element groups).
+void rows_scalar(const float* x, int64_t m, int64_t k, const uint8_t* codes, const float* absmax,
+                 const float* table, int64_t blocksize, bool bf16, int64_t n0, int64_t n1, float* y,
+                 int64_t n) {
+  std::vector<float> acc(m);
+  for (int64_t r = n0; r < n1; ++r) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t c = 0; c < k; ++c) {
+      float w = weight(codes, absmax, table, r * k + c, blocksize, bf16);
+      for (int64_t i = 0; i < m; ++i) acc[i] += x[i * k + c] * w;
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * n + r] = acc[i];
+  }
+}
+
+#ifdef QLORA_AVX512
+// K a multiple of 32 and blocksize a multiple of 32: each group of 32 elements (16 code bytes) lies
+// in one row and one block. xs holds x rearranged per group: the 16 even elements, then the 16 odd
+// ones, so that the high and low nibbles of 16 bytes meet their x values without interleaving.
+void rows_avx512(const float* xs, int64_t m, int64_t k, const uint8_t* codes, const float* absmax,
+                 const float* table, int64_t blocksize, bool bf16, int64_t n0, int64_t n1, float* y,
+                 int64_t n) {
+  const __m512 tab = _mm512_loadu_ps(table);
+  const __m512i mask4 = _mm512_set1_epi32(0xF);
+  const __m512i round_bias = _mm512_set1_epi32(0x7fff);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i high16 = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t groups = k / 32;
+  constexpr int kMaxM = 16;
+  for (int64_t r = n0; r < n1; ++r) {
+    __m512 acc[kMaxM];
+    for (int64_t i = 0; i < m; ++i) acc[i] = _mm512_setzero_ps();
+    const uint8_t* row_codes = codes + (r * k) / 2;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t flat = r * k + g * 32;
+      const __m512 scale = _mm512_set1_ps(absmax[flat / blocksize]);
+      __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_codes + g * 16)));
+      __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), tab), scale);
+      __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, mask4), tab), scale);
+      if (bf16) {  // round to nearest even bf16 (finite values: codes times a finite absmax)
+        __m512i u = _mm512_castps_si512(w_hi);
+        u = _mm512_add_epi32(u, _mm512_add_epi32(round_bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        w_hi = _mm512_castsi512_ps(_mm512_and_si512(u, high16));
+        u = _mm512_castps_si512(w_lo);
+        u = _mm512_add_epi32(u, _mm512_add_epi32(round_bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        w_lo = _mm512_castsi512_ps(_mm512_and_si512(u, high16));
+      }
+      const float* xg = xs + g * 32;
+      for (int64_t i = 0; i < m; ++i) {
+        acc[i] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xg + i * k), acc[i]);
+        acc[i] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xg + i * k + 16), acc[i]);
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * n + r] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+#endif
+
+ffi::Error Nf4GemvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
+                       ffi::Buffer<ffi::F32> table, ffi::Result<ffi::AnyBuffer> y, int64_t blocksize) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0])
+    return ffi::Error::InvalidArgument("nf4_gemv: x must be [M, K] and y [M, N]");
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  const ffi::DataType dt = x.element_type();
+  if (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("nf4_gemv: x must be float32 or bfloat16");
+  if (y->element_type() != dt) return ffi::Error::InvalidArgument("nf4_gemv: y must have x's dtype");
+  if (table.element_count() != 16) return ffi::Error::InvalidArgument("nf4_gemv: the code table has 16 entries");
+  if (static_cast<int64_t>(codes.element_count()) != (n * k + 1) / 2 || blocksize <= 0 ||
+      static_cast<int64_t>(absmax.element_count()) != (n * k + blocksize - 1) / blocksize)
+    return ffi::Error::InvalidArgument("nf4_gemv: codes/absmax do not match the [N, K] weight");
+  const bool bf16 = dt == ffi::DataType::BF16;
+
+  // x in fp32 (and, for the vector path, grouped as even then odd elements per 32)
+  std::vector<float> xf(m * k);
+  if (bf16) {
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
+    for (int64_t i = 0; i < m * k; ++i) xf[i] = bf16_bits_to_f32(xb[i]);
+  } else {
+    std::memcpy(xf.data(), x.untyped_data(), sizeof(float) * m * k);
+  }
+  std::vector<float> acc(m * n);
+  const uint8_t* c = codes.typed_data();
+  const float* a = absmax.typed_data();
+  const float* t = table.typed_data();
+  bool vector_path = false;
+#ifdef QLORA_AVX512
+  vector_path = m <= 16 && k % 32 == 0 && blocksize % 32 == 0;
+#endif
+  if (vector_path) {
+#ifdef QLORA_AVX512
+    std::vector<float> xs(m * k);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t g = 0; g < k / 32; ++g)
+        for (int64_t j = 0; j < 16; ++j) {
+          xs[i * k + g * 32 + j] = xf[i * k + g * 32 + 2 * j];
+          xs[i * k + g * 32 + 16 + j] = xf[i * k + g * 32 + 2 * j + 1];
+        }
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+      const int64_t nt = 1, id = 0;
+#endif
+      const int64_t per = (n + nt - 1) / nt;
+      const int64_t n0 = id * per, n1 = std::min(n, n0 + per);
+      if (n0 < n1) rows_avx512(xs.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
+    }
+#endif
+  } else {
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+      const int64_t nt = 1, id = 0;
+#endif
+      const int64_t per = (n + nt - 1) / nt;
+      const int64_t n0 = id * per, n1 = std::min(n, n0 + per);
+      if (n0 < n1) rows_scalar(xf.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
+    }
+  }
+  if (bf16) {
+    uint16_t* yb = reinterpret_cast<uint16_t*>(y->untyped_data());
+    for (int64_t i = 0; i < m * n; ++i) yb[i] = f32_to_bf16_bits(acc[i]);
+  } else {
+    std::memcpy(y->untyped_data(), acc.data(), sizeof(float) * m * n);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4Gemv, Nf4GemvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("blocksize"));

@@ -1,0 +1,127 @@
+"""The native CPU kernel of the quantized linear (``qmatmul(..., backend="cpu")``): a C++ NF4/FP4
+matrix-vector product (``cpu/nf4_gemv.cc``) registered with XLA as an FFI custom call.
+
+XLA on CPU has no fused 4-bit matmul: decoding one token through the XLA path dequantizes every
+weight to the compute dtype first (a full write and read of a bf16 copy). This kernel reads the
+packed codes once (an AVX-512 permute looks up 16 codes at a time), scales and rounds them exactly
+as ``dequantize(w, x.dtype)`` does, and multiplies with fp32 accumulation, on all cores (OpenMP).
+
+It is compiled on first use on the machine that runs it (``g++ -O3 -march=native -fopenmp``, about
+three seconds, cached under ``$QLORA_JAX_CACHE/kernels`` or ``~/.cache/qlora_jax/kernels`` by a
+hash of the source, the compiler and the CPU): the installed wheel stays pure Python and portable.
+Where it cannot be built (no compiler, no XLA FFI headers) ``available()`` is False, says why in
+``unavailable_reason()``, and ``qmatmul`` takes the pure-JAX path. ``QLORA_JAX_CPU_KERNEL=0``
+turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu") / "nf4_gemv.cc"
+TARGET = "qlora_jax_nf4_gemv"
+MAX_M = 16  # rows of x the kernel takes (decode); more go through the XLA path
+_STATE: dict = {}
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("QLORA_JAX_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "qlora_jax") / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build() -> Path:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++/c++ or $CXX) on PATH")
+    include = jax.ffi.include_dir()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_signature().encode()
+                         + jax.__version__.encode()).hexdigest()[:16]
+    out = _cache_root() / key / "libqlora_nf4_gemv.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: never half a library
+        lib = Path(tmp) / out.name
+        cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
+               "-w", f"-I{include}", str(SOURCE), "-o", str(lib)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-600:]}")
+        os.replace(lib, out)
+    return out
+
+
+def _load() -> bool:
+    if "ok" in _STATE:
+        return _STATE["ok"]
+    _STATE["ok"], _STATE["reason"] = False, None
+    if os.environ.get("QLORA_JAX_CPU_KERNEL") == "0":
+        _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemv), platform="cpu")
+    except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
+        _STATE["reason"] = f"{type(e).__name__}: {e}"
+        return False
+    _STATE["ok"], _STATE["lib"] = True, lib
+    return True
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (builds it on the first call)."""
+    return _load()
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _STATE["reason"]
+
+
+def supported(m: int, dtype) -> bool:
+    """Shapes and dtypes the kernel takes: up to ``MAX_M`` rows of float32 or bfloat16."""
+    return m <= MAX_M and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "blocksize"))
+def cpu_gemv(x2, codes, absmax, table, *, n: int, blocksize: int):
+    """y [M, n] = x2 [M, K] @ W^T in x2's dtype, W given by its packed ``codes`` (u8 [n*K/2]), fp32
+    first-level ``absmax`` [ceil(n*K/blocksize)] and code ``table`` (f32 [16])."""
+    if not _load():
+        raise RuntimeError(f"the CPU kernel is not available: {_STATE['reason']}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), x2.dtype))
+    return call(x2, codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table.astype(jnp.float32),
+                blocksize=np.int64(blocksize))
+
+
+def reference_cpu_gemv(x2, codes, absmax, table, *, n: int, blocksize: int):
+    """The pure-jnp twin: dequantize to x2's dtype, one dot with fp32 accumulation."""
+    k = x2.shape[1]
+    flat = codes.reshape(-1)
+    nibbles = jnp.stack([flat >> 4, flat & 0xF], axis=-1).reshape(-1)[: n * k].astype(jnp.int32)
+    scale = jnp.repeat(absmax.reshape(-1), blocksize)[: n * k]
+    w = (jnp.asarray(table, jnp.float32)[nibbles] * scale).astype(x2.dtype).reshape(n, k)
+    y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(x2.dtype)

@@ -1,0 +1,79 @@
+"""The native CPU kernel (qlora_jax.kernels.cpu_nf4, C++ through XLA FFI): built here (g++ is on
+every machine this project runs on; a failed build would fail these tests, not skip them), equal to
+its pure-jnp twin and to the XLA path within fp32 summation order, and chosen by qmatmul for
+decode-sized inputs only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qlora_jax
+from qlora_jax.kernels import cpu_nf4
+from qlora_jax.ops import qmatmul
+from qlora_jax.quant._array import dequantize_absmax
+from qlora_jax.quant._tables import CODE_TABLES
+
+
+def test_the_kernel_builds_here():
+    assert cpu_nf4.available(), cpu_nf4.unavailable_reason()
+
+
+def _case(n, k, m, dtype, quant_type="nf4", blocksize=64, double_quant=True, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    w = jax.random.normal(keys[0], (n, k), jnp.float32)
+    q = qlora_jax.quantize(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    x = jax.random.normal(keys[1], (m, k), jnp.float32).astype(dtype)
+    return x, q
+
+
+# shapes: the vector path (K a multiple of 32) and the element-by-element one (K = 70, 1376 with
+# blocks spanning rows), 1..16 rows, NF4 and FP4, double quantization on and off
+CASES = [(64, 128, 1, "float32", "nf4", 64, True), (300, 96, 3, "bfloat16", "nf4", 64, True),
+         (512, 1376, 1, "bfloat16", "nf4", 64, True), (33, 70, 2, "float32", "fp4", 64, False),
+         (128, 256, 16, "bfloat16", "fp4", 128, True), (40, 64, 5, "float32", "nf4", 32, False)]
+
+
+@pytest.mark.parametrize("n,k,m,dtype,quant_type,blocksize,double_quant", CASES)
+def test_kernel_matches_its_twin_and_the_xla_path(n, k, m, dtype, quant_type, blocksize, double_quant):
+    x, q = _case(n, k, m, dtype, quant_type, blocksize, double_quant)
+    args = (x, q.codes, dequantize_absmax(q), jnp.asarray(CODE_TABLES[quant_type]))
+    ours = cpu_nf4.cpu_gemv(*args, n=n, blocksize=blocksize)
+    twin = cpu_nf4.reference_cpu_gemv(*args, n=n, blocksize=blocksize)
+    xla = qmatmul(x, q, backend="xla")
+    assert ours.dtype == x.dtype and ours.shape == (m, n)
+    # the same products, summed in another order; bf16 results may then round one ulp apart
+    tol = 1e-5 if dtype == "float32" else 2 ** -8
+    for ref in (twin, xla):
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.abs(ref.astype(jnp.float32)).max()))
+
+
+def test_qmatmul_dispatch_and_gradient():
+    x, q = _case(96, 128, 16, "bfloat16")
+    big = jnp.tile(x, (2, 1))  # 32 rows: the XLA path
+    hlo_small = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(x).as_text()
+    hlo_big = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big).as_text()
+    assert cpu_nf4.TARGET in hlo_small and cpu_nf4.TARGET not in hlo_big
+    assert cpu_nf4.TARGET in jax.jit(lambda a: qmatmul(a, q)).lower(x[:1]).as_text()  # auto on CPU
+    assert cpu_nf4.TARGET not in jax.jit(lambda a: qmatmul(a, q)).lower(x.astype(jnp.float16)).as_text()
+    # dx through the XLA path's VJP
+    dy = jax.random.normal(jax.random.key(3), (16, 96)).astype(jnp.bfloat16)
+    gx = jax.grad(lambda a: jnp.sum(qmatmul(a, q, backend="cpu").astype(jnp.float32) * dy))(x)
+    rx = jax.grad(lambda a: jnp.sum(qmatmul(a, q, backend="xla").astype(jnp.float32) * dy))(x)
+    np.testing.assert_array_equal(np.asarray(gx, np.float32), np.asarray(rx, np.float32))
+
+
+def test_turned_off_or_unbuildable_falls_back(monkeypatch):
+    monkeypatch.setattr(cpu_nf4, "_STATE", {})
+    monkeypatch.setenv("QLORA_JAX_CPU_KERNEL", "0")
+    assert not cpu_nf4.available() and "QLORA_JAX_CPU_KERNEL=0" in cpu_nf4.unavailable_reason()
+    x, q = _case(64, 128, 1, "float32")
+    hlo = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(x).as_text()
+    assert cpu_nf4.TARGET not in hlo
+    monkeypatch.setattr(cpu_nf4, "_STATE", {})
+    monkeypatch.delenv("QLORA_JAX_CPU_KERNEL")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("QLORA_JAX_CACHE", "/nonexistent-cache")
+    assert not cpu_nf4.available() and "c++" in cpu_nf4.unavailable_reason()
+    monkeypatch.setattr(cpu_nf4, "_STATE", {})
