@@ -4,9 +4,9 @@ matrix-vector product (``cpu/nf4_gemv.cc``) registered with XLA as an FFI custom
 XLA on CPU has no fused 4-bit matmul: decoding one token through the XLA path dequantizes every
 weight to the compute dtype first (a full write and read of a bf16 copy). This kernel reads the
 packed codes once (an AVX-512 permute looks up 16 codes at a time), scales and rounds them exactly
-as ``dequantize(w, x.dtype)`` does, and multiplies with fp32 accumulation, on all cores (OpenMP).
+as ``dequantize(w, x.dtype)`` does, and multiplies with fp32 accumulation, on XLA's CPU threads.
 
-It is compiled on first use on the machine that runs it (``g++ -O3 -march=native -fopenmp``, about
+It is compiled on first use on the machine that runs it (``g++ -O3 -march=native``, about
 three seconds, cached under ``$QLORA_JAX_CACHE/kernels`` or ``~/.cache/qlora_jax/kernels`` by a
 hash of the source, the compiler and the CPU): the installed wheel stays pure Python and portable.
 Where it cannot be built (no compiler, no XLA FFI headers) ``available()`` is False, says why in
@@ -64,7 +64,7 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: never half a library
         lib = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
+        cmd = [cxx, "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
                "-w", f"-I{include}", str(SOURCE), "-o", str(lib)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

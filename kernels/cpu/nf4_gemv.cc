@@ -7,15 +7,16 @@
 // Operands: x [M, K] (f32 | bf16), codes u8 [N*K/2] (two codes per byte, first in the high
 // nibble, row-major over the flattened [N, K] weight), absmax f32 [ceil(N*K/blocksize)] (the
 // first-level scales, double quantization already undone), table f32 [16]. Result y [M, N] in
-// x's dtype. Rows of W are split over OpenMP threads.
+// x's dtype. Rows of W are split over XLA's intra-op thread pool (for weights big enough to pay
+// for it): a separate OpenMP pool would spin against XLA's own threads.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 #include <algorithm>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <atomic>
+#include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -112,8 +113,9 @@ void rows_avx512(const float* xs, int64_t m, int64_t k, const uint8_t* codes, co
 }
 #endif
 
-ffi::Error Nf4GemvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
-                       ffi::Buffer<ffi::F32> table, ffi::Result<ffi::AnyBuffer> y, int64_t blocksize) {
+ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes,
+                       ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table, ffi::Result<ffi::AnyBuffer> y,
+                       int64_t blocksize) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0])
@@ -145,40 +147,41 @@ ffi::Error Nf4GemvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::Buffer
 #ifdef QLORA_AVX512
   vector_path = m <= 16 && k % 32 == 0 && blocksize % 32 == 0;
 #endif
-  if (vector_path) {
-#ifdef QLORA_AVX512
-    std::vector<float> xs(m * k);
+  std::vector<float> xs;
+  if (vector_path) {  // x grouped as even then odd elements per 32
+    xs.resize(m * k);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t g = 0; g < k / 32; ++g)
         for (int64_t j = 0; j < 16; ++j) {
           xs[i * k + g * 32 + j] = xf[i * k + g * 32 + 2 * j];
           xs[i * k + g * 32 + 16 + j] = xf[i * k + g * 32 + 2 * j + 1];
         }
-#pragma omp parallel
-    {
-#ifdef _OPENMP
-      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-      const int64_t nt = 1, id = 0;
-#endif
-      const int64_t per = (n + nt - 1) / nt;
-      const int64_t n0 = id * per, n1 = std::min(n, n0 + per);
-      if (n0 < n1) rows_avx512(xs.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
-    }
-#endif
-  } else {
-#pragma omp parallel
-    {
-#ifdef _OPENMP
-      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-      const int64_t nt = 1, id = 0;
-#endif
-      const int64_t per = (n + nt - 1) / nt;
-      const int64_t n0 = id * per, n1 = std::min(n, n0 + per);
-      if (n0 < n1) rows_scalar(xf.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
-    }
   }
+  auto rows = [&](int64_t n0, int64_t n1) {
+#ifdef QLORA_AVX512
+    if (vector_path) return rows_avx512(xs.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
+#endif
+    rows_scalar(xf.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
+  };
+  // Row ranges ("parts") for the pool's threads: every thread, this one included, claims parts until
+  // none are left, so a part never waits for a busy pool (two kernels running side by side on a
+  // two-thread pool each finish their own parts). A task that starts after the last part was
+  // claimed touches only the shared counters, which it co-owns. Small weights run here alone.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n * k / (1 << 16)));
+  const int64_t per = (n + parts - 1) / parts;
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto claim = [counters, parts, per, n, &rows] {
+    for (int64_t p; (p = counters->next.fetch_add(1)) < parts;) {
+      rows(p * per, std::min(n, (p + 1) * per));
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t p = 1; p < parts; ++p) pool.Schedule([claim] { claim(); });
+  claim();
+  while (counters->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
   if (bf16) {
     uint16_t* yb = reinterpret_cast<uint16_t*>(y->untyped_data());
     for (int64_t i = 0; i < m * n; ++i) yb[i] = f32_to_bf16_bits(acc[i]);
@@ -192,6 +195,7 @@ ffi::Error Nf4GemvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes, ffi::Buffer
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4Gemv, Nf4GemvImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
