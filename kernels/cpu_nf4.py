@@ -32,7 +32,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu") / "nf4_gemv.cc"
 TARGET = "qlora_jax_nf4_gemv"
-MAX_M = 16  # rows of x the kernel takes (decode); more go through the XLA path
+MAX_M = 64  # rows of x the kernel takes (decode, short prefills); more go through the XLA path
 _STATE: dict = {}
 
 

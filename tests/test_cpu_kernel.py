@@ -28,10 +28,11 @@ def _case(n, k, m, dtype, quant_type="nf4", blocksize=64, double_quant=True, see
 
 
 # shapes: the vector path (K a multiple of 32) and the element-by-element one (K = 70, 1376 with
-# blocks spanning rows), 1..16 rows, NF4 and FP4, double quantization on and off
+# blocks spanning rows), 1..64 rows (tiles of 16), NF4 and FP4, double quantization on and off
 CASES = [(64, 128, 1, "float32", "nf4", 64, True), (300, 96, 3, "bfloat16", "nf4", 64, True),
          (512, 1376, 1, "bfloat16", "nf4", 64, True), (33, 70, 2, "float32", "fp4", 64, False),
-         (128, 256, 16, "bfloat16", "fp4", 128, True), (40, 64, 5, "float32", "nf4", 32, False)]
+         (128, 256, 16, "bfloat16", "fp4", 128, True), (40, 64, 5, "float32", "nf4", 32, False),
+         (72, 192, 40, "bfloat16", "nf4", 64, True), (24, 70, 64, "float32", "nf4", 64, True)]
 
 
 @pytest.mark.parametrize("n,k,m,dtype,quant_type,blocksize,double_quant", CASES)
@@ -51,7 +52,7 @@ def test_kernel_matches_its_twin_and_the_xla_path(n, k, m, dtype, quant_type, bl
 
 def test_qmatmul_dispatch_and_gradient():
     x, q = _case(96, 128, 16, "bfloat16")
-    big = jnp.tile(x, (2, 1))  # 32 rows: the XLA path
+    big = jnp.tile(x, (5, 1))  # 80 rows: the XLA path
     hlo_small = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(x).as_text()
     hlo_big = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big).as_text()
     assert cpu_nf4.TARGET in hlo_small and cpu_nf4.TARGET not in hlo_big

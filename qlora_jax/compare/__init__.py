@@ -22,14 +22,14 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from ._exact import compare_with_bnb, nested_code_mismatch, nested_scaled, state_mismatch
+from ._exact import compare_with_bnb, in_torch_thread_order, nested_code_mismatch, nested_scaled, state_mismatch
 from ._presets import (PRESETS, STACKS, CompareConfig, cache_dir, checkpoint_of, make_batches, make_prompt,
                        preset_checkpoint)
 from ._report import derive, markdown, plot, write_json
 from ._stacks import FIGURES, PHASE_FIGURES, empty_result
 
 __all__ = ["PRESETS", "STACKS", "FIGURES", "CompareConfig", "cache_dir", "compare_with_bnb", "environment",
-           "main", "make_batches", "make_prompt", "nested_code_mismatch", "nested_scaled", "preset_checkpoint",
+           "in_torch_thread_order", "main", "make_batches", "make_prompt", "nested_code_mismatch", "nested_scaled", "preset_checkpoint",
            "run_comparison", "run_stack", "state_mismatch"]
 
 ORDER = ("reference", "qlora_jax", "qwix")  # the reference first: the others start from its state
@@ -71,7 +71,7 @@ def run_stack(stack: str, config: CompareConfig, ckpt: Path, work: Path, timeout
     work.mkdir(parents=True, exist_ok=True)
     out, log = work / f"{stack}.json", work / f"{stack}.log"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "qlora_jax.compare._stacks", stack, config.to_json(), str(ckpt), str(work), str(out)]
+    cmd = [sys.executable, "-m", "qlora_jax.compare._worker", stack, config.to_json(), str(ckpt), str(work), str(out)]
     try:
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), timeout=timeout)

@@ -65,10 +65,29 @@ def state_mismatch(ours: QuantizedArray, theirs: QuantizedArray, first_absmax=No
     return nested_code_mismatch(ours.absmax, theirs.absmax, scaled)
 
 
-def compare_with_bnb(model, ckpt: str | Path, bnb_base: str | Path, quant) -> dict:
+def in_torch_thread_order(q: QuantizedArray, first_absmax, torch_threads: int) -> QuantizedArray:
+    """``q`` double-quantized again with the offset summed in the order torch's CPU ``mean`` takes
+    on ``torch_threads`` threads (``quant._core.torch_sum``): from 32768 absmax values on, torch
+    splits the sum over its threads, which ``quantize`` (single-thread order) cannot know."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from ..quant import _core
+
+    first = jnp.asarray(first_absmax, jnp.float32).reshape(-1)
+    offset = _core._true_divide(_core.torch_sum(first, torch_threads), jnp.float32(first.shape[0]))
+    codes, absmax2, offset = _core.quantize_nested_flat(first, q.nested_blocksize, offset=offset)
+    return dataclasses.replace(q, absmax=codes, nested_absmax=absmax2, offset=offset)
+
+
+def compare_with_bnb(model, ckpt: str | Path, bnb_base: str | Path, quant, torch_threads: int | None = None) -> dict:
     """Every quantized weight of ``model`` (loaded from ``ckpt`` with ``quant``) against the state
     bitsandbytes saved for it in ``bnb_base`` (transformers' 4-bit format). Returns {"tensors": n,
-    "exact": k, "mismatches": {hf_key: reason}}; reads one tensor at a time."""
+    "exact": k, "mismatches": {hf_key: reason}, "exact_in_torch_thread_order": k2, "torch_threads":
+    T}: k2 counts the tensors that meet the contract once the double-quantization offset is summed
+    in torch's ``torch_threads``-thread order (the reference's thread count); reads one tensor at
+    a time."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -88,7 +107,7 @@ def compare_with_bnb(model, ckpt: str | Path, bnb_base: str | Path, quant) -> di
         else:
             ours[key] = value
     theirs = {k: v for k, v in _bnb_groups(iter_tensors(bnb_base)) if isinstance(v, QuantizedArray)}
-    tensors, mismatches = len(set(ours) | set(theirs)), {}
+    tensors, mismatches, thread_order = len(set(ours) | set(theirs)), {}, 0
     for key, array in iter_tensors(ckpt):
         if key not in ours:
             continue
@@ -98,12 +117,18 @@ def compare_with_bnb(model, ckpt: str | Path, bnb_base: str | Path, quant) -> di
             continue
         x = jnp.asarray(array).astype(q.dtype)
         _, first = _array.quantize_first_level(x, quant_type=quant.quant_type, blocksize=quant.blocksize)
-        reason = state_mismatch(q, theirs.pop(key), np.asarray(first))
+        bnb = theirs.pop(key)
+        reason = state_mismatch(q, bnb, np.asarray(first))
         if reason:
             mismatches[key] = reason
+            if q.nested_blocksize is not None and torch_threads and torch_threads > 1 and \
+                    state_mismatch(in_torch_thread_order(q, first, torch_threads), bnb, np.asarray(first)) is None:
+                thread_order += 1
     mismatches.update({key: "not in the checkpoint" for key in ours})
     mismatches.update({key: "quantized by bitsandbytes, not by qlora_jax" for key in theirs})
-    return {"tensors": tensors, "exact": tensors - len(mismatches), "mismatches": mismatches}
+    exact = tensors - len(mismatches)
+    return {"tensors": tensors, "exact": exact, "mismatches": mismatches, "torch_threads": torch_threads,
+            "exact_in_torch_thread_order": exact + thread_order}
 
 
 def _slice(q: QuantizedArray, i: int) -> QuantizedArray:

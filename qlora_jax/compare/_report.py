@@ -91,6 +91,11 @@ def markdown(report: dict, plots: list[str]) -> str:
         lines += ["", f"Bit-exactness of qlora_jax's NF4 state against bitsandbytes' (codes, nested scales, offset "
                   f"within 1 ulp, nested codes but for bitsandbytes' CPU lookup-table steps): **{exact['exact']} of "
                   f"{exact['tensors']}** quantized weights."]
+        if exact["exact"] < exact["tensors"] and exact.get("torch_threads"):
+            lines.append(f"With the double-quantization offset summed in torch's {exact['torch_threads']}-thread order "
+                         f"(bitsandbytes' `absmax.mean()` on CPU splits sums of 32768+ values over torch's threads; "
+                         f"`quantize` takes the single-thread order, docs/decisions.md): "
+                         f"**{exact['exact_in_torch_thread_order']} of {exact['tensors']}**.")
         for k, why in list(exact["mismatches"].items())[:10]:
             lines.append(f"- {k}: {why}")
     diff = ours.get("max_loss_rel_diff_vs_reference")

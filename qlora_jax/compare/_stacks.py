@@ -1,4 +1,4 @@
-"""The comparison's three stacks, each run in its own process (``python -m qlora_jax.compare._stacks
+"""The comparison's three stacks, each run in its own process (``python -m qlora_jax.compare._worker
 STACK CONFIG_JSON CHECKPOINT WORKDIR RESULT_JSON``) so that its peak memory is its own.
 
 Every stack does the same job (``CompareConfig``): load + quantize the checkpoint to NF4 with
@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import json
 import statistics
-import sys
 import time
 import traceback
 import warnings
@@ -79,6 +78,15 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _import_config_classes() -> None:
+    """Import transformers' config machinery before any timing, as the reference imports its
+    libraries before its clock starts: no stack's load time counts library imports. (With torch
+    installed, transformers' config modules import it: about three seconds on these cores.)"""
+    import transformers  # noqa: F401
+    from transformers import AutoConfig  # noqa: F401
+    from transformers.models.llama import configuration_llama  # noqa: F401
+
+
 def _peft_adapter(work: Path) -> dict[str, np.ndarray] | None:
     from safetensors.numpy import load_file
 
@@ -99,6 +107,7 @@ def run_reference(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     torch.manual_seed(config.seed)
     dtype = getattr(torch, config.dtype)
     result["device"] = f"cpu ({torch.get_num_threads()} threads)"
+    result["torch_threads"] = torch.get_num_threads()
     result["baseline_rss_bytes"] = PeakAnonMemory.current()
     with _Phase(result, "load"):
         bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -207,6 +216,7 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
 
     from ._exact import compare_with_bnb
 
+    _import_config_classes()
     result = empty_result()
     dtype = jnp.dtype(config.dtype)
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
@@ -230,7 +240,9 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     with _Phase(result, "bit_exact"):
         if not bnb_base.exists():
             raise FileNotFoundError("no bitsandbytes state to compare with (the reference stack did not run)")
-        result["bit_exact"] = compare_with_bnb(model, ckpt, bnb_base, quant)
+        reference = work / "reference.json"  # the reference's own result, written before this stack runs
+        threads = json.loads(reference.read_text()).get("torch_threads") if reference.exists() else None
+        result["bit_exact"] = compare_with_bnb(model, ckpt, bnb_base, quant, torch_threads=threads)
     del model
     gc.collect()
     release_freed_memory()
@@ -331,6 +343,7 @@ def run_qwix(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     import qlora_jax
     from qlora_jax.train import causal_lm_loss_sum
 
+    _import_config_classes()
     result = empty_result()
     dtype = jnp.dtype(config.dtype)
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
@@ -370,7 +383,7 @@ def run_qwix(config: CompareConfig, ckpt: Path, work: Path) -> dict:
         tx = optax.adamw(config.learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
         opt_state = tx.init(lora)
 
-        def step(lora, opt_state, ids):
+        def step(lora, opt_state, rest, ids):  # the frozen base is an argument, not a baked-in constant
             def loss_fn(lora):
                 logits = nnx.merge(graphdef, lora, rest)(ids, jnp.ones_like(ids))
                 total, count = causal_lm_loss_sum(logits, ids)
@@ -386,7 +399,7 @@ def run_qwix(config: CompareConfig, ckpt: Path, work: Path) -> dict:
             for rows in make_batches(config, vocab):
                 ids = jnp.asarray(rows, jnp.int32)
                 t0 = time.perf_counter()
-                lora, opt_state, loss = step(lora, opt_state, ids)
+                lora, opt_state, loss = step(lora, opt_state, rest, ids)
                 losses.append(float(loss))
                 seconds.append(time.perf_counter() - t0)
         result.update(losses=losses, train_peak_rss_bytes=mem.peak)
@@ -427,6 +440,3 @@ def main(argv: list[str]) -> None:
     result = RUNNERS[stack](config, Path(ckpt), Path(work))
     Path(out).write_text(json.dumps(result))
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -9,7 +9,7 @@ Dispatch is by the weight's type and ``backend``, never by model code:
 - ``triton``: the forward through the plain Triton kernel (``qlora_jax.kernels.triton_nf4``) via
   jax-triton, GPU only, to compare the two lowering paths; dx through the Pallas dx kernel;
 - ``cpu``: the native CPU kernel (``qlora_jax.kernels.cpu_nf4``, C++ through XLA FFI, built on
-  first use) for up to 16 rows of x (decode), reading the packed codes without writing a
+  first use) for up to 64 rows of x (decode, short prefills), reading the packed codes without writing a
   dequantized weight; more rows, float16, a mesh in context, or a machine where it cannot be
   built: the XLA path. dx through the XLA path;
 - ``auto``: pallas on GPU, cpu on CPU, the XLA path elsewhere.
