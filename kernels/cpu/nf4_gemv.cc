@@ -77,9 +77,10 @@ void rows_scalar(const float* x, int64_t m, int64_t k, const uint8_t* codes, con
 // MT rows of x per pass (a compile-time count: the accumulators stay in registers; 8 at most, as
 // 16 spilled and ran at half the speed).
 template <int MT>
-void tile_avx512(const float* xs, int64_t k, const uint8_t* row_codes, const float* row_absmax,
-                 int64_t group_shift, int64_t groups_per_block, bool bf16, const __m512& tab, float* out,
-                 int64_t out_stride) {
+__attribute__((always_inline)) inline void tile_avx512(const float* xs, int64_t k, const uint8_t* row_codes,
+                                                       const float* absmax, int64_t row_flat, int64_t bs_shift,
+                                                       int64_t blocksize, bool bf16, const __m512& tab, float* out,
+                                                       int64_t out_stride) {
   const __m512i mask4 = _mm512_set1_epi32(0xF);
   const __m512i round_bias = _mm512_set1_epi32(0x7fff);
   const __m512i one = _mm512_set1_epi32(1);
@@ -88,8 +89,8 @@ void tile_avx512(const float* xs, int64_t k, const uint8_t* row_codes, const flo
   for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t groups = k / 32;
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t block = group_shift >= 0 ? (g >> group_shift) : g / groups_per_block;
-    const __m512 scale = _mm512_set1_ps(row_absmax[block]);
+    const int64_t flat = row_flat + g * 32;  // a group of 32 lies in one block (blocksize % 32 == 0)
+    const __m512 scale = _mm512_set1_ps(absmax[bs_shift >= 0 ? (flat >> bs_shift) : flat / blocksize]);
     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_codes + g * 16)));
     __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), tab), scale);
     __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, mask4), tab), scale);
@@ -114,39 +115,18 @@ void rows_avx512(const float* xs, int64_t m, int64_t k, const uint8_t* codes, co
                  const float* table, int64_t blocksize, bool bf16, int64_t n0, int64_t n1, float* y,
                  int64_t n) {
   const __m512 tab = _mm512_loadu_ps(table);
-  const int64_t groups_per_block = blocksize / 32;
-  const int64_t group_shift = (groups_per_block & (groups_per_block - 1)) == 0 ? __builtin_ctzll(groups_per_block) : -1;
-  const bool aligned = k % blocksize == 0;  // else a block may start mid-row: index it from the flat position
+  const int64_t bs_shift = (blocksize & (blocksize - 1)) == 0 ? __builtin_ctzll(blocksize) : -1;
   for (int64_t r = n0; r < n1; ++r) {
     const uint8_t* row_codes = codes + (r * k) / 2;
-    // absmax of this row's groups: aligned rows start a block; otherwise shift the base so that
-    // group g's block is (r*k + 32*g) / blocksize, which needs row starts on group boundaries
-    const int64_t first_block = (r * k) / blocksize;
-    const float* row_absmax = absmax + first_block;
-    const bool simple = aligned || (r * k) % blocksize == 0;
+    const int64_t row_flat = r * k;
     for (int64_t i0 = 0; i0 < m;) {
       const int64_t left = m - i0;
       const float* xt = xs + i0 * k;
       float* out = y + i0 * n + r;
-      if (!simple) {  // a row starting mid-block: one group at a time through the scalar index
-        for (int64_t i = i0; i < m; ++i) {
-          float sum = 0.0f;
-          for (int64_t c = 0; c < k; ++c) {
-            const int64_t g = c / 32, j = c % 32;
-            const int64_t col = g * 32 + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
-            const int64_t flat = r * k + col;
-            uint8_t byte = codes[flat >> 1];
-            float w = table[(flat & 1) ? (byte & 0xF) : (byte >> 4)] * absmax[flat / blocksize];
-            sum += (bf16 ? round_bf16(w) : w) * xs[i * k + c];
-          }
-          y[i * n + r] = sum;
-        }
-        break;
-      }
-      if (left >= 8) { tile_avx512<8>(xt, k, row_codes, row_absmax, group_shift, groups_per_block, bf16, tab, out, n); i0 += 8; }
-      else if (left >= 4) { tile_avx512<4>(xt, k, row_codes, row_absmax, group_shift, groups_per_block, bf16, tab, out, n); i0 += 4; }
-      else if (left >= 2) { tile_avx512<2>(xt, k, row_codes, row_absmax, group_shift, groups_per_block, bf16, tab, out, n); i0 += 2; }
-      else { tile_avx512<1>(xt, k, row_codes, row_absmax, group_shift, groups_per_block, bf16, tab, out, n); i0 += 1; }
+      if (left >= 8) { tile_avx512<8>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab, out, n); i0 += 8; }
+      else if (left >= 4) { tile_avx512<4>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab, out, n); i0 += 4; }
+      else if (left >= 2) { tile_avx512<2>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab, out, n); i0 += 2; }
+      else { tile_avx512<1>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab, out, n); i0 += 1; }
     }
   }
 }

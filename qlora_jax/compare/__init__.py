@@ -29,8 +29,8 @@ from ._report import derive, markdown, plot, write_json
 from ._stacks import FIGURES, PHASE_FIGURES, empty_result
 
 __all__ = ["PRESETS", "STACKS", "FIGURES", "CompareConfig", "cache_dir", "compare_with_bnb", "environment",
-           "in_torch_thread_order", "main", "make_batches", "make_prompt", "nested_code_mismatch", "nested_scaled", "preset_checkpoint",
-           "run_comparison", "run_stack", "state_mismatch"]
+           "in_torch_thread_order", "main", "make_batches", "make_prompt", "nested_code_mismatch", "nested_scaled",
+           "preset_checkpoint", "run_comparison", "run_stack", "state_mismatch", "write_report"]
 
 ORDER = ("reference", "qlora_jax", "qwix")  # the reference first: the others start from its state
 _PACKAGES = ("qlora_jax", "jax", "jaxlib", "flax", "optax", "qwix", "torch", "transformers", "peft", "bitsandbytes",
@@ -105,6 +105,13 @@ def run_comparison(config: CompareConfig, output_dir: str | os.PathLike, *, comm
         else:
             report[stack] = empty_result()
             report[stack]["errors"] = {"all": "not selected (--stacks)"}
+    return write_report(report, out)
+
+
+def write_report(report: dict, output_dir: str | os.PathLike) -> dict:
+    """Derived figures, plots, comparison.json and comparison.md from the stacks' results (also to
+    redo a report's text and plots from its comparison.json without running the stacks again)."""
+    out = Path(output_dir)
     derive(report)
     plots = plot(report, out)
     write_json(report, out / "comparison.json")

@@ -47,8 +47,10 @@ def derive(report: dict) -> None:
     for stack in COLUMNS:
         r = report[stack]
         r["final_loss"] = r["losses"][-1] if r.get("losses") else None
-        r["gen_tokens_agree"] = leading_agreement(r.get("gen_tokens"), ref.get("gen_tokens"))
-        r["max_loss_rel_diff_vs_reference"] = max_relative_loss_difference(r.get("losses"), ref.get("losses"))
+        other = stack != "reference"  # the reference against itself: no figure
+        r["gen_tokens_agree"] = leading_agreement(r.get("gen_tokens"), ref.get("gen_tokens")) if other else None
+        r["max_loss_rel_diff_vs_reference"] = (max_relative_loss_difference(r.get("losses"), ref.get("losses"))
+                                               if other else None)
 
 
 def write_json(report: dict, path: Path) -> None:

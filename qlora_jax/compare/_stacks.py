@@ -221,7 +221,11 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     dtype = jnp.dtype(config.dtype)
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     result["baseline_rss_bytes"] = PeakAnonMemory.current()
-    result["configuration"] = (f"from_pretrained(scan_layers={SCAN_LAYERS}), kernel 'auto' (the XLA path on CPU), "
+    from qlora_jax.kernels import cpu_nf4
+
+    cpu_kernel = "built" if cpu_nf4.available() else f"not available: {cpu_nf4.unavailable_reason()}"
+    result["configuration"] = (f"from_pretrained(scan_layers={SCAN_LAYERS}), kernel 'auto' (on CPU: the native "
+                               f"kernel, {cpu_kernel}, for up to {cpu_nf4.MAX_M} rows; XLA's dequantize + dot above), "
                                "optim 'adamw' (on device), one jitted train step")
     quant = qlora_jax.QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=config.dtype)
     with _Phase(result, "load"):
