@@ -151,7 +151,7 @@ def test_report_shows_missing_figures_and_ratios(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| train tokens/s"))
     assert "2.50x" in row and "5.00x" in row and row.endswith("better |")
     assert "PyTorch, generate: RuntimeError: shape '[-1, 1376]'" in md
-    assert "| generate tokens/s (batch 1) | n/a |" in md
+    assert "| generate tokens/s (batch 1, median of 3) | n/a |" in md
 
 
 def test_offset_in_torch_thread_order_matches_bitsandbytes_on_threads():
