@@ -111,7 +111,7 @@ def cpu_gemv(x2, codes, absmax, table, *, n: int, blocksize: int):
     first-level ``absmax`` [ceil(n*K/blocksize)] and code ``table`` (f32 [16])."""
     if not _load():
         raise RuntimeError(f"the CPU kernel is not available: {_STATE['reason']}")
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), x2.dtype))
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), x2.dtype), vmap_method="sequential")
     return call(x2, codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table.astype(jnp.float32),
                 blocksize=np.int64(blocksize))
 

@@ -17,6 +17,7 @@ import datetime
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -96,6 +97,7 @@ def run_comparison(config: CompareConfig, output_dir: str | os.PathLike, *, comm
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)  # a previous run's bitsandbytes state must not stand in for this one's
     ckpt = checkpoint_of(config, preset_root)
     report = {"config": {**config.__dict__, "stacks": list(config.stacks), "checkpoint": str(ckpt)},
               "environment": environment(command)}

@@ -173,7 +173,7 @@ class CausalLM(nnx.Module):
         from ..ops import linear_cross_entropy_sum
         from ..sharding import gather_weight
 
-        b, s = input_ids_BxS.shape
+        b = input_ids_BxS.shape[0]
         mask = jnp.asarray(attention_mask)
         h, _ = self.forward(input_ids_BxS, position_ids_from_mask(mask), mask, return_hidden=True)
         labels = jnp.concatenate([labels_BxS[:, 1:], jnp.full((b, 1), ignore_index, labels_BxS.dtype)], axis=1)

@@ -9,9 +9,9 @@ Dispatch is by the weight's type and ``backend``, never by model code:
 - ``triton``: the forward through the plain Triton kernel (``qlora_jax.kernels.triton_nf4``) via
   jax-triton, GPU only, to compare the two lowering paths; dx through the Pallas dx kernel;
 - ``cpu``: the native CPU kernel (``qlora_jax.kernels.cpu_nf4``, C++ through XLA FFI, built on
-  first use) for up to 64 rows of x (decode, short prefills), reading the packed codes without writing a
-  dequantized weight; more rows, float16, a mesh in context, or a machine where it cannot be
-  built: the XLA path. dx through the XLA path;
+  first use) for up to 64 rows of x (decode, short prefills), reading the packed codes without
+  writing a dequantized weight; more rows, float16, a mesh in context, another platform, or a
+  machine where it cannot be built: the XLA path. dx through the XLA path;
 - ``auto``: pallas on GPU, cpu on CPU, the XLA path elsewhere.
 
 Under a mesh in context (``jax.set_mesh``) the kernel backends run in a ``shard_map`` over the
@@ -193,8 +193,8 @@ def _cpu_kernel_takes(x, w: QuantizedArray) -> bool:
     from ..kernels import cpu_nf4
 
     rows = math.prod(x.shape[:-1])
-    return (cpu_nf4.supported(rows, x.dtype) and jax.sharding.get_abstract_mesh().empty
-            and cpu_nf4.available())
+    return (jax.default_backend() == "cpu" and cpu_nf4.supported(rows, x.dtype)
+            and jax.sharding.get_abstract_mesh().empty and cpu_nf4.available())
 
 
 def resolve_backend(backend: str, w) -> str:
