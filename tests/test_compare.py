@@ -43,7 +43,9 @@ def test_tiny_preset_all_stacks_float32(tmp_path):
         for key in compare.FIGURES:
             assert r[key] is not None, (stack, key)
         assert len(r["losses"]) == 5 and len(r["gen_tokens"]) == 64
-    assert report["environment"]["versions"]["bitsandbytes"] and report["environment"]["cores"] >= 1
+    env = report["environment"]
+    assert env["versions"]["bitsandbytes"] and env["cores"] >= 1 and env["cpu"] and env["date"] and env["command"]
+    assert env["device"]["qlora_jax"].startswith("cpu") and env["device"]["reference"].startswith("cpu")
     ref, ours = report["reference"]["losses"], report["qlora_jax"]["losses"]
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
     # our own quantization of every linear weight (2 layers x 7) meets the contract against bitsandbytes'

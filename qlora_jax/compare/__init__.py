@@ -107,6 +107,7 @@ def run_comparison(config: CompareConfig, output_dir: str | os.PathLike, *, comm
         else:
             report[stack] = empty_result()
             report[stack]["errors"] = {"all": "not selected (--stacks)"}
+    report["environment"]["device"] = {s: report[s].get("device") for s in ORDER}  # as each stack saw it
     return write_report(report, out)
 
 

@@ -68,7 +68,8 @@ def markdown(report: dict, plots: list[str]) -> str:
     cfg, env = report["config"], report["environment"]
     what = f"preset `{cfg['preset']}`" if cfg.get("preset") else f"model `{cfg['model']}`"
     lines = [f"# qlora_jax vs PyTorch (transformers + bitsandbytes + PEFT) vs Qwix: {what}", "",
-             f"{env['date']} on {env['cpu']} ({env['cores']} cores), {env['platform']}.  ",
+             f"{env['date']} on {env['cpu']} ({env['cores']} cores), {env['platform']}; devices: "
+             f"{env.get('device')}.  ",
              f"Command: `{env['command']}`", "",
              f"Job: NF4 + double quantization, compute dtype {cfg['dtype']}, LoRA r={cfg['r']} alpha="
              f"{cfg['lora_alpha']} dropout 0 on all linear layers, AdamW lr {cfg['learning_rate']} (0.9, 0.999, "
