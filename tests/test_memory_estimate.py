@@ -265,7 +265,9 @@ def test_runs_on_an_abstract_70b_model():
     assert 32 * gib < with_ckpt.base_weights < 36 * gib  # 4.13 bits per linear weight, bf16 embeddings
     assert 2.5 * gib < with_ckpt.adapters < 3.5 * gib  # ~0.83B fp32 adapter weights
     assert with_ckpt.saved_activations >= 80 * 2048 * 8192 * 2  # every layer's input, bf16
-    assert with_ckpt.total < without.total / 4
+    # checkpointing keeps one [B, S, hidden] per layer instead of every residual: about 3.75x less in
+    # all (it was over 4x while the attention saved fp32 softmax buffers; it now saves bf16 scores)
+    assert with_ckpt.total < without.total / 3.5
     assert "GiB" in str(with_ckpt)
 
 

@@ -11,14 +11,15 @@ Activations are counted buffer by buffer from the program's structure (nothing i
 * saved for the backward pass: without gradient checkpointing, each layer's residuals as JAX's
   autodiff saves them into the layer scan's stacks (the fp32 RMSNorm inputs; each adapter's input
   in the adapter dtype and its rank-r projection; the rotated queries and keys and the values;
-  the fp32 softmax numerator and the probabilities [B, heads, S, S]; the gate and up outputs and
+  the pre-softmax scores [B, heads, S, S] in the activation dtype (the attention's written-out
+  backward recomputes the softmax from them); the gate and up outputs and
   silu's three intermediates [B, S, intermediate]). With checkpointing (``nothing_saveable``)
   only each layer's input [B, S, hidden] is kept.
 * the working set of the busiest moment, whichever is largest: the backward pass of one layer at
   its MLP (the layer's residuals, rebuilt or sliced out of the stacks, the gradients of the down
   projection's input, of gate and up and the adapters' copies of them, and the layer's
-  dequantized weights) or at its attention (the fp32 scores, the gradient of the probabilities
-  and the scores' gradient in the layouts of its two matmuls); or the loss (the logits in the
+  dequantized weights) or at its attention (the recomputed fp32 softmax, the gradient of the
+  probabilities, the scores' gradient and the probabilities); or the loss (the logits in the
   activation dtype and their fp32 gradient).
 
 The counts follow the program's buffers as XLA keeps them after fusion (elementwise residuals of a
@@ -202,9 +203,10 @@ def _layer_buffers(cfg, b: int, s: int, act: int, adapters: list[_Adapter], quan
     norm = n * e * _F32 + 2 * n * _F32  # RMSNorm: its input in fp32 and two [N, 1] statistics
     qkv = n * (h + 2 * k) * d * act + (n * (h + k) * d * _F32 if cfg.qk_norm else 0)
     attention = (norm + ad.get("attn_in", 0) + ad.get("attn_out", 0)
-                 + qkv  # rotated queries and keys, values (and the q_norm / k_norm inputs in fp32)
-                 + 2 * b * h * s * _F32)  # softmax statistics
-    softmax = scores * (_F32 + act)  # fp32: the numerator exp(x - max) (or, rebuilt, the scores); probabilities
+                 + qkv)  # rotated queries and keys, values (and the q_norm / k_norm inputs in fp32)
+    # the attention's written-out backward (models._layers._attend) saves the pre-softmax scores in
+    # the activation dtype and recomputes the softmax from them
+    softmax = scores * act
     mlp_inputs = norm + ad.get("mlp_in", 0) + ad.get("mlp_act", 0)
     mlp = mlp_inputs + 5 * n * i * act  # gate and up outputs; silu's output and two sigmoid terms
     # Recomputed inside the backward pass, elementwise residuals are fused into their consumers: the
@@ -222,11 +224,12 @@ def _layer_buffers(cfg, b: int, s: int, act: int, adapters: list[_Adapter], quan
     # weights of the whole layer.
     lora_terms = ("down_proj" in projs) + 2 * n_gate_up
     mlp_work = n * i * (3 * act + lora_terms * wide) + n * e * act + dense_attention + dense_mlp
-    # Attention backward: the gradient of the probabilities (fp32, as the softmax runs) and the
-    # scores' gradient, cast back to the activation dtype, in the layouts of its two matmuls (dq,
-    # dk); the gradients of the queries, keys and values; the incoming gradient and the residual
-    # stream's; the attention's dequantized weights.
-    attention_work = (scores * (_F32 + 2 * act) + n * (h + 2 * k) * d * act + 2 * n * e * act
+    # Attention backward (written out, models._layers._attend): the softmax recomputed in fp32 from
+    # the saved scores, the gradient of the probabilities (fp32), the scores' gradient and the
+    # probabilities in the activation dtype for the two matmuls; the gradients of the queries,
+    # keys and values; the incoming gradient and the residual stream's; the attention's
+    # dequantized weights.
+    attention_work = (scores * (2 * _F32 + 2 * act) + n * (h + 2 * k) * d * act + 2 * n * e * act
                       + dense_attention)
     # A dropout mask comes from threefry2x32, whose two uint32 outputs [N, in] its consumers xor
     # and compare: recomputed, they stay live through the layer's backward pass.
