@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -80,8 +81,6 @@ def run_stack(stack: str, config: CompareConfig, ckpt: Path, work: Path, timeout
     except subprocess.TimeoutExpired:
         code = f"timeout after {timeout} s"
     if code == 0 and out.exists():
-        import json
-
         return json.loads(out.read_text())
     tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
     result = empty_result()

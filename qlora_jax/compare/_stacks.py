@@ -33,7 +33,10 @@ FIGURES = ("load_seconds", "load_peak_rss_bytes", "train_tokens_per_s", "train_p
 PHASE_FIGURES = {"load": ("load_seconds", "load_peak_rss_bytes"),
                  "train": ("train_tokens_per_s", "train_peak_rss_bytes", "losses"),
                  "generate": ("gen_tokens_per_s", "gen_tokens")}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every decoder linear, and the submodule (HF name) that holds it
+LINEAR_GROUPS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+LORA_TARGETS = tuple(LINEAR_GROUPS)
 
 
 def empty_result() -> dict:
@@ -78,6 +81,27 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def timed_load(result: dict, load):
+    """``load()``'s result; its wall seconds and the peak anonymous RSS meanwhile as the load figures."""
+    with PeakAnonMemory() as mem:
+        model, result["load_seconds"] = _timed(load)
+    result["load_peak_rss_bytes"] = mem.peak
+    return model
+
+
+def train_loop(result: dict, config: CompareConfig, vocab: int, one_step) -> None:
+    """``one_step(rows)`` on each of the job's batches (int64 [batch, seq]), returning the step's loss
+    as a Python float (so the step has finished); losses, step times, tokens/s and peak RSS."""
+    losses, seconds = [], []
+    with PeakAnonMemory() as mem:
+        for rows in make_batches(config, vocab):
+            t0 = time.perf_counter()
+            losses.append(one_step(rows))
+            seconds.append(time.perf_counter() - t0)
+    result.update(losses=losses, train_peak_rss_bytes=mem.peak)
+    train_figures(result, seconds, config.batch * config.seq)
+
+
 GEN_REPEATS = 3
 
 
@@ -97,6 +121,17 @@ def _import_config_classes() -> None:
     import transformers  # noqa: F401
     from transformers import AutoConfig  # noqa: F401
     from transformers.models.llama import configuration_llama  # noqa: F401
+
+
+def _jax_result() -> dict:
+    """A JAX stack's result before its clock starts: the device it runs on and its baseline RSS."""
+    import jax
+
+    _import_config_classes()
+    result = empty_result()
+    result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+    result["baseline_rss_bytes"] = PeakAnonMemory.current()
+    return result
 
 
 def _peft_adapter(work: Path) -> dict[str, np.ndarray] | None:
@@ -124,11 +159,10 @@ def run_reference(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     with _Phase(result, "load"):
         bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        with PeakAnonMemory() as mem, warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model, result["load_seconds"] = _timed(lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            model = timed_load(result, lambda: transformers.AutoModelForCausalLM.from_pretrained(
                 ckpt, quantization_config=bnb, dtype=dtype, device_map="cpu"))
-        result["load_peak_rss_bytes"] = mem.peak
         result["notes"] += sorted({f"bitsandbytes/transformers warned: {w.message}" for w in caught
                                    if "bitsandbytes" in str(w.filename) or "gemm_4bit" in str(w.message)})
     if "load" in result["errors"]:
@@ -145,19 +179,16 @@ def run_reference(config: CompareConfig, ckpt: Path, work: Path) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         model.train()
-        losses, seconds = [], []
-        with PeakAnonMemory() as mem:
-            for rows in make_batches(config, vocab):
-                ids = torch.from_numpy(rows)
-                t0 = time.perf_counter()
-                loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                seconds.append(time.perf_counter() - t0)
-        result.update(losses=losses, train_peak_rss_bytes=mem.peak)
-        train_figures(result, seconds, config.batch * config.seq)
+
+        def one_step(rows):
+            ids = torch.from_numpy(rows)
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        train_loop(result, config, vocab, one_step)
     # which 4-bit paths ran (before eval(): bitsandbytes repacks CPU weights for inference there)
     paths = {"train": _bitsandbytes_ops(lambda: _reference_train_pass(model, config, vocab))}
     with _Phase(result, "generate"):
@@ -223,32 +254,26 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
 
     import qlora_jax
     from qlora_jax.models._checkpoint import release_freed_memory
+    from qlora_jax.kernels import cpu_nf4
     from qlora_jax.train import init_opt_state, make_optimizer, make_train_step, split_model, update_model
 
     from ._exact import compare_with_bnb
 
-    _import_config_classes()
-    result = empty_result()
+    result = _jax_result()
     dtype = jnp.dtype(config.dtype)
-    result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
-    result["baseline_rss_bytes"] = PeakAnonMemory.current()
-    from qlora_jax.kernels import cpu_nf4
-
     cpu_kernel = "built" if cpu_nf4.available() else f"not available: {cpu_nf4.unavailable_reason()}"
     result["configuration"] = (f"from_pretrained(scan_layers={SCAN_LAYERS}), kernel 'auto' (on CPU: the native "
                                f"kernel, {cpu_kernel}, for up to {cpu_nf4.MAX_M} rows; XLA's dequantize + dot above), "
                                "optim 'adamw' (on device), one jitted train step")
     quant = qlora_jax.QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=config.dtype)
     with _Phase(result, "load"):
-        with PeakAnonMemory() as mem:
-            def load():
-                m = qlora_jax.from_pretrained(ckpt, quantization=quant, dtype=dtype, scan_layers=SCAN_LAYERS,
-                                              gradient_checkpointing=config.gradient_checkpointing)
-                jax.block_until_ready(nnx.state(m))
-                return m
+        def load():
+            m = qlora_jax.from_pretrained(ckpt, quantization=quant, dtype=dtype, scan_layers=SCAN_LAYERS,
+                                          gradient_checkpointing=config.gradient_checkpointing)
+            jax.block_until_ready(nnx.state(m))
+            return m
 
-            model, result["load_seconds"] = _timed(load)
-        result["load_peak_rss_bytes"] = mem.peak
+        model = timed_load(result, load)
     if "load" in result["errors"]:
         return result
     bnb_base = work / "bnb_base"
@@ -284,22 +309,19 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
         tx = make_optimizer(config.learning_rate, num_training_steps=config.steps, lr_scheduler_type="constant",
                             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                             max_grad_norm=None, optim="adamw")
-        trainable, rngs = parts.trainable, parts.rngs
-        opt_state = init_opt_state(tx, trainable)
+        state = [parts.trainable, parts.rngs, init_opt_state(tx, parts.trainable)]
         step = make_train_step(parts.graphdef, tx)
-        losses, seconds = [], []
-        with PeakAnonMemory() as mem:
-            for rows in make_batches(config, vocab):
-                ids = jnp.asarray(rows[None], jnp.int32)  # one micro-batch
-                batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
-                t0 = time.perf_counter()
-                trainable, rngs, opt_state, metrics = step(trainable, rngs, parts.frozen, opt_state, batch)
-                losses.append(float(metrics["loss"]))
-                seconds.append(time.perf_counter() - t0)
-        result.update(losses=losses, train_peak_rss_bytes=mem.peak)
-        train_figures(result, seconds, config.batch * config.seq)
-        update_model(model, trainable, rngs)
-        del opt_state
+
+        def one_step(rows):
+            ids = jnp.asarray(rows[None], jnp.int32)  # one micro-batch
+            batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+            trainable, rngs, opt_state, metrics = step(state[0], state[1], parts.frozen, state[2], batch)
+            state[:] = [trainable, rngs, opt_state]
+            return float(metrics["loss"])
+
+        train_loop(result, config, vocab, one_step)
+        update_model(model, state[0], state[1])
+        state.clear()  # the optimizer state goes before generation
     with _Phase(result, "generate"):
         _generate_jax(result, model, config, vocab)
     return result
@@ -324,10 +346,6 @@ def _generate_jax(result: dict, model, config: CompareConfig, vocab: int) -> Non
 # Qwix: Google's JAX quantization library, its NF4 LoRA on our dense, unrolled model
 
 
-QWIX_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
 def qwix_rules(ckpt: Path, config: CompareConfig) -> list:
     """Qwix's LoRA rules: NF4 tiles of 64 input features; where a linear's input features are not a
     multiple of 64 (down_proj of the small preset: 1376), Qwix cannot tile them by 64 and the rule
@@ -337,12 +355,12 @@ def qwix_rules(ckpt: Path, config: CompareConfig) -> list:
 
     hf = AutoConfig.from_pretrained(ckpt)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    in_features = {name: hf.hidden_size for name in QWIX_MODULES}
+    in_features = {name: hf.hidden_size for name in LINEAR_GROUPS}
     in_features.update(o_proj=hf.num_attention_heads * head_dim, down_proj=hf.intermediate_size)
     by_tile: dict[int, list[str]] = {}
     for name, k in in_features.items():
         by_tile.setdefault(min(64, k & -k), []).append(name)
-    return [qwix.LoraRule(module_path=r".*/(" + "|".join(f"{QWIX_MODULES[n]}/{n}" for n in names) + ")",
+    return [qwix.LoraRule(module_path=r".*/(" + "|".join(f"{LINEAR_GROUPS[n]}/{n}" for n in names) + ")",
                           weight_qtype="nf4", tile_size=tile, rank=config.r, alpha=config.lora_alpha)
             for tile, names in sorted(by_tile.items(), reverse=True)]
 
@@ -357,11 +375,8 @@ def run_qwix(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     import qlora_jax
     from qlora_jax.train import causal_lm_loss_sum
 
-    _import_config_classes()
-    result = empty_result()
+    result = _jax_result()
     dtype = jnp.dtype(config.dtype)
-    result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
-    result["baseline_rss_bytes"] = PeakAnonMemory.current()
     rules = qwix_rules(ckpt, config)
     result["configuration"] = (f"qwix {qwix.__version__}: LoraProvider of LoraRule(weight_qtype='nf4', "
                                f"rank={config.r}, alpha={config.lora_alpha}) for "
@@ -371,20 +386,16 @@ def run_qwix(config: CompareConfig, ckpt: Path, work: Path) -> dict:
                                "forward; uint4 codes with a scale per tile, no double quantization; jitted AdamW step "
                                "over the nnx.LoRAParam leaves")
     with _Phase(result, "load"):
-        with PeakAnonMemory() as mem:
-            def load():
-                m = qlora_jax.from_pretrained(ckpt, dtype=dtype, scan_layers=False,
-                                              gradient_checkpointing=config.gradient_checkpointing)
-                provider = qwix.LoraProvider(rules)
-                ids = jnp.zeros((1, 8), jnp.int32)
-                pos = jnp.arange(8)[None]
-                m = qwix.apply_lora_to_model(m, provider, ids, pos, jnp.ones_like(ids), methods=("forward",),
-                                             rngs=nnx.Rngs(config.seed))
-                jax.block_until_ready(nnx.state(m))
-                return m
+        def load():
+            m = qlora_jax.from_pretrained(ckpt, dtype=dtype, scan_layers=False,
+                                          gradient_checkpointing=config.gradient_checkpointing)
+            ids = jnp.zeros((1, 8), jnp.int32)
+            m = qwix.apply_lora_to_model(m, qwix.LoraProvider(rules), ids, jnp.arange(8)[None], jnp.ones_like(ids),
+                                         methods=("forward",), rngs=nnx.Rngs(config.seed))
+            jax.block_until_ready(nnx.state(m))
+            return m
 
-            model, result["load_seconds"] = _timed(load)
-        result["load_peak_rss_bytes"] = mem.peak
+        model = timed_load(result, load)
     if "load" in result["errors"]:
         return result
     stored = _peft_adapter(work)
@@ -408,18 +419,17 @@ def run_qwix(config: CompareConfig, ckpt: Path, work: Path) -> dict:
             return optax.apply_updates(lora, updates), opt_state, loss
 
         step = jax.jit(step, donate_argnums=(0, 1))
-        losses, seconds = [], []
-        with PeakAnonMemory() as mem:
-            for rows in make_batches(config, vocab):
-                ids = jnp.asarray(rows, jnp.int32)
-                t0 = time.perf_counter()
-                lora, opt_state, loss = step(lora, opt_state, rest, ids)
-                losses.append(float(loss))
-                seconds.append(time.perf_counter() - t0)
-        result.update(losses=losses, train_peak_rss_bytes=mem.peak)
-        train_figures(result, seconds, config.batch * config.seq)
-        nnx.update(model, lora)
-        del opt_state
+        state = [lora, opt_state]
+
+        def one_step(rows):
+            new_lora, new_opt, loss = step(state[0], state[1], rest, jnp.asarray(rows, jnp.int32))
+            state[:] = [new_lora, new_opt]
+            return float(loss)
+
+        train_loop(result, config, vocab, one_step)
+        nnx.update(model, state[0])
+        state.clear()  # the optimizer state goes before generation
+        del lora, opt_state
     with _Phase(result, "generate"):
         _generate_jax(result, model, config, vocab)
     return result
@@ -431,18 +441,16 @@ def _load_peft_into_qwix(model, stored: dict[str, np.ndarray]) -> None:
     import jax.numpy as jnp
 
     for i, layer in enumerate(model.layers):
-        for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                module = getattr(getattr(layer, group), name)
-                prefix = f"base_model.model.model.layers.{i}.{group}.{name}"
-                for part, attr in (("lora_A", "weight_lora_a"), ("lora_B", "weight_lora_b")):
-                    var = getattr(module, attr)
-                    value = stored[f"{prefix}.{part}.weight"].T
-                    if value.shape != var.get_value().shape:
-                        raise ValueError(f"{prefix}.{part}: PEFT's {value.shape} does not fit Qwix's "
-                                         f"{var.get_value().shape}")
-                    var.set_value(jnp.asarray(value, var.get_value().dtype))
+        for name, group in LINEAR_GROUPS.items():
+            module = getattr(getattr(layer, group), name)
+            prefix = f"base_model.model.model.layers.{i}.{group}.{name}"
+            for part, attr in (("lora_A", "weight_lora_a"), ("lora_B", "weight_lora_b")):
+                var = getattr(module, attr)
+                value = stored[f"{prefix}.{part}.weight"].T
+                if value.shape != var.get_value().shape:
+                    raise ValueError(f"{prefix}.{part}: PEFT's {value.shape} does not fit Qwix's "
+                                     f"{var.get_value().shape}")
+                var.set_value(jnp.asarray(value, var.get_value().dtype))
 
 
 RUNNERS = {"reference": run_reference, "qlora_jax": run_qlora_jax, "qwix": run_qwix}
