@@ -1,6 +1,8 @@
-"""``qmatmul(x, w)``: y = x @ W^T for a dense or 4-bit quantized weight W of logical shape [out, in].
+"""``qmatmul(x, w)``: y = x @ W^T for a dense, 4-bit or 8-bit quantized weight W of logical shape [out, in].
 
-Dispatch is by the weight's type and ``backend``, never by model code:
+Dispatch is by the weight's type and ``backend``, never by model code. An ``Int8Array`` (LLM.int8())
+takes ``ops._int8`` (bitsandbytes' MatMul8bitLt: int8 x int8 products with outlier decomposition,
+XLA on every platform; ``backend`` does not apply). A 4-bit ``QuantizedArray``:
 - ``xla``: dequantize to ``x.dtype``, then one dot with fp32 accumulation (every platform);
 - ``pallas``: the fused Pallas kernels (``qlora_jax.kernels.nf4_matmul``, Triton lowering): the
   skinny one for up to 16 rows (decode), the GEMM one above, and the dx kernel, never
@@ -31,7 +33,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from ..quant import QuantizedArray, dequantize
+from ..quant import Int8Array, QuantizedArray, dequantize
+from ..quant._int8 import check_threshold
 
 BACKENDS = ("auto", "pallas", "triton", "cpu", "xla")
 
@@ -201,6 +204,8 @@ def resolve_backend(backend: str, w) -> str:
     """The backend that will run: ``auto`` is pallas on GPU for a weight the kernel takes, cpu on
     CPU (``qmatmul`` then takes the XLA path for inputs the CPU kernel does not), else xla; a
     named kernel backend falls back to xla for weights it does not take."""
+    if isinstance(w, Int8Array):
+        return "int8"
     if not isinstance(w, QuantizedArray):
         return "dense"
     if backend == "auto":
@@ -214,24 +219,36 @@ def resolve_backend(backend: str, w) -> str:
 
 
 def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, threshold=None) -> jax.Array:
-    """``x @ W^T`` for ``W`` of logical shape [out, in], dense or a QuantizedArray.
+    """``x @ W^T`` for ``W`` of logical shape [out, in], dense, a QuantizedArray or an Int8Array.
 
     Args:
       x: activations [..., in]; the compute dtype (W is dequantized to it, the dot accumulates
         in fp32, the result is returned in it).
-      w: a dense array [out, in] (plain dot) or an unstacked QuantizedArray [out, in]; a stacked
-        one is taken slice by slice by the caller's ``nnx.scan`` / ``jax.vmap``.
+      w: a dense array [out, in] (plain dot), an unstacked QuantizedArray [out, in], or an
+        unstacked Int8Array [out, in] (LLM.int8(), ``ops._int8``); a stacked one is taken slice
+        by slice by the caller's ``nnx.scan`` / ``jax.vmap``.
       backend: "auto" | "pallas" | "triton" | "cpu" | "xla" (quantization config key ``kernel``).
       interpret: run a Pallas kernel in interpret mode (kernel backends); also on when the
         environment sets ``QLORA_JAX_PALLAS_INTERPRET=1``, so whole models run the kernels on CPU
         (tests).
-      threshold: the LLM.int8() outlier threshold, for 8-bit weights only.
+      threshold: the LLM.int8() outlier threshold, for 8-bit weights only: None takes the
+        weight's own (``Int8Array.threshold``, transformers' ``llm_int8_threshold``, 6.0 by
+        default); 0.0 turns the outlier decomposition off.
 
     Returns:
       [..., out] in ``x.dtype``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; expected one of {BACKENDS}")
+    if isinstance(w, Int8Array):
+        from ._int8 import int8_matmul
+
+        if w.batch_shape or len(w.logical_shape) != 2 or w.logical_shape[1] != x.shape[-1]:
+            raise ValueError(f"Int8Array of shape {w.shape} does not fit input [..., {x.shape[-1]}]; expected an "
+                             "unstacked [out, in] weight (map stacked ones with nnx.scan / jax.vmap)")
+        threshold = check_threshold(w.threshold if threshold is None else threshold)
+        y = int8_matmul(x.reshape(-1, x.shape[-1]), w, threshold)
+        return y.reshape(*x.shape[:-1], w.logical_shape[0])
     if threshold is not None:
         raise ValueError(f"threshold={threshold!r} applies to 8-bit weights only; this weight is "
                          f"{type(w).__name__}")

@@ -105,7 +105,7 @@ class QuantizedArray:
 
 def check_quant_args(quant_type, blocksize, nested_blocksize) -> None:
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r} is not supported; expected one of {QUANT_TYPES}")
+        raise ValueError(f"quant_type={quant_type!r} is not supported; expected one of {QUANT_TYPES + ('int8',)}")
     if blocksize not in _tables.BLOCKSIZES_4BIT:
         raise ValueError(f"blocksize={blocksize!r} is not supported; bitsandbytes allows {_tables.BLOCKSIZES_4BIT}")
     if nested_blocksize is not None and nested_blocksize not in _tables.BLOCKSIZES_NESTED:
@@ -185,20 +185,25 @@ def _quantize_jit(x, *, quant_type, blocksize, nested_blocksize, batch_dims):
 
 
 def quantize(x, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-             double_quant_blocksize: int = 256, batch_dims: int = 0) -> QuantizedArray:
-    """Quantize a float array to 4 bits blockwise, bit-exact with bitsandbytes' ``quantize_4bit``.
+             double_quant_blocksize: int = 256, batch_dims: int = 0, threshold: float | None = None):
+    """Quantize a float array to 4 bits blockwise, bit-exact with bitsandbytes' ``quantize_4bit``;
+    or, with ``quant_type="int8"``, row-wise to LLM.int8() (an ``Int8Array``, bit-exact with
+    bitsandbytes' ``int8_vectorwise_quant(W.to(float16))``).
 
     Args:
       x: fp32, bf16 or fp16 array. Its trailing ``x.ndim - batch_dims`` axes form one tensor.
-      quant_type: "nf4" (QLoRA's NormalFloat) or "fp4".
+      quant_type: "nf4" (QLoRA's NormalFloat), "fp4", or "int8" (LLM.int8(): [out, in] weights;
+        blocksize and double quantization do not apply to it).
       blocksize: elements per absmax block; one of 32, 64, ..., 4096.
       double_quant: quantize the absmax values to 8 bits (bitsandbytes' ``compress_statistics``).
       double_quant_blocksize: absmax values per second-level block (bitsandbytes uses 256).
       batch_dims: leading axes that index separate tensors (e.g. stacked layers); each slice is
         quantized as its own bitsandbytes tensor.
+      threshold: int8 only: the LLM.int8() outlier threshold stored with the weight (None: 6.0,
+        transformers' ``llm_int8_threshold``).
 
     Returns:
-      A QuantizedArray; ``dequantize(q)`` gives back an array of ``x.shape`` and ``x.dtype``.
+      A QuantizedArray (an Int8Array for "int8"); ``dequantize(q)`` gives back an array of ``x.shape`` and ``x.dtype``.
 
     Non-finite values: outside jit they raise ValueError (a NaN or inf in a pretrained weight is
     corruption, and bitsandbytes would silently turn its whole block, and with double quantization
@@ -209,6 +214,14 @@ def quantize(x, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: b
       >>> q = quantize(w)                    # NF4, blocks of 64, double quantization
       >>> w_hat = dequantize(q)              # same shape and dtype as w
     """
+    if quant_type == "int8":
+        from ._int8 import DEFAULT_THRESHOLD, quantize_int8
+
+        return quantize_int8(x, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                             batch_dims=batch_dims)
+    if threshold is not None:
+        raise ValueError(f"threshold={threshold!r} applies to quant_type='int8' (LLM.int8()) only, not "
+                         f"{quant_type!r}")
     nested_blocksize = double_quant_blocksize if double_quant else None
     check_quant_args(quant_type, blocksize, nested_blocksize)
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
@@ -243,12 +256,17 @@ def dequantize(q: QuantizedArray, dtype=None) -> jax.Array:
     """Reconstruct the array: ``code_table[code] * absmax`` in fp32, cast to ``dtype``.
 
     Args:
-      q: a QuantizedArray (possibly stacked).
+      q: a QuantizedArray (possibly stacked), or an Int8Array (``codes * scales / 127``).
       dtype: output dtype; default the original dtype ``q.dtype``.
 
     Returns:
-      An array of ``q.shape``, bit-identical to bitsandbytes' ``dequantize_4bit``.
+      An array of ``q.shape``, bit-identical to bitsandbytes' ``dequantize_4bit`` (for an
+      Int8Array: ``int8_vectorwise_dequant``).
     """
+    from ._int8 import Int8Array, dequantize_int8
+
+    if isinstance(q, Int8Array):
+        return dequantize_int8(q, dtype)
     validate(q)
     out_dtype = q.dtype if dtype is None else _check_float_dtype(dtype)
     return _dequantize_jit(q, out_dtype)

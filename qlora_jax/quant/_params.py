@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ._array import QuantizedArray, _leaf_bytes, dequantize, quantize
+from ._int8 import Int8Array
 
 Rule = Callable[[str, Any], bool]
 
@@ -48,15 +49,15 @@ def _as_rule(rules) -> Rule:
 
 def quantize_params(params, *, rules: Rule | Sequence[str] | None = None, quant_type: str = "nf4",
                     blocksize: int = 64, double_quant: bool = True, double_quant_blocksize: int = 256,
-                    batch_dims: int | None = None):
-    """Replace the selected leaves of a pytree with QuantizedArray.
+                    batch_dims: int | None = None, threshold: float | None = None):
+    """Replace the selected leaves of a pytree with QuantizedArray (Int8Array for "int8").
 
     Args:
       params: any pytree of arrays (or ``jax.ShapeDtypeStruct`` under ``jax.eval_shape``).
       rules: which leaves to quantize: None (``default_rule``: floating leaves of rank >= 2 whose
         path does not match ``DEFAULT_SKIP_PATTERNS``), a predicate ``(dotted_path, leaf) -> bool``,
         or a list of regular expressions searched in the dotted path.
-      quant_type, blocksize, double_quant, double_quant_blocksize: as ``quantize``.
+      quant_type, blocksize, double_quant, double_quant_blocksize, threshold: as ``quantize``.
       batch_dims: leading axes of a selected leaf that index separate tensors; None means all but
         the last two (a ``[layers, out, in]`` stack is one bitsandbytes tensor per layer).
 
@@ -66,23 +67,25 @@ def quantize_params(params, *, rules: Rule | Sequence[str] | None = None, quant_
     rule = _as_rule(rules)
 
     def convert(path, x):
-        if isinstance(x, QuantizedArray) or not rule(path_str(path), x):
+        if is_quantized(x) or not rule(path_str(path), x):
             return x
         nbd = max(x.ndim - 2, 0) if batch_dims is None else batch_dims
         return quantize(x, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-                        double_quant_blocksize=double_quant_blocksize, batch_dims=nbd)
+                        double_quant_blocksize=double_quant_blocksize, batch_dims=nbd, threshold=threshold)
 
-    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_quantized)
+    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_quantized)
 
 
-def _is_quantized(x) -> bool:
-    return isinstance(x, QuantizedArray)
+def is_quantized(x) -> bool:
+    """A quantized weight value: a 4-bit QuantizedArray or an 8-bit Int8Array."""
+    return isinstance(x, (QuantizedArray, Int8Array))
+
 
 
 def dequantize_params(params, dtype=None):
-    """Replace every QuantizedArray leaf with its dequantized array (``dtype``: default original)."""
-    return jax.tree.map(lambda x: dequantize(x, dtype) if _is_quantized(x) else x, params,
-                        is_leaf=_is_quantized)
+    """Replace every quantized leaf with its dequantized array (``dtype``: default original)."""
+    return jax.tree.map(lambda x: dequantize(x, dtype) if is_quantized(x) else x, params,
+                        is_leaf=is_quantized)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +135,10 @@ class StorageReport:
 
 def storage_report(params) -> StorageReport:
     """Count parameters and stored bytes of a tree, quantized leaves apart (works on eval_shape trees)."""
-    leaves = jax.tree.leaves(params, is_leaf=_is_quantized)
+    leaves = jax.tree.leaves(params, is_leaf=is_quantized)
     qp = qb = op = ob = nq = 0
     for x in leaves:
-        if _is_quantized(x):
+        if is_quantized(x):
             nq += math.prod(x.batch_shape) if x.batch_shape else 1
             qp += x.size
             qb += x.storage_bytes
