@@ -141,10 +141,10 @@ def set_adapter(model, adapter_name: str | None):
 
 
 def _merged_weight(m: LoraLinear, name, dtype):
-    from ..quant import QuantizedArray, dequantize
+    from ..quant import dequantize, is_quantized
 
     w = m.base_layer.weight.get_value()
-    w = dequantize(w, dtype) if isinstance(w, QuantizedArray) else w
+    w = dequantize(w, dtype) if is_quantized(w) else w
     if name is not None and name in m.lora:
         ad = m.lora[name]
         a, b = ad.lora_A[...].astype(jnp.float32), ad.lora_B[...].astype(jnp.float32)

@@ -22,7 +22,8 @@ from safetensors.numpy import save_file
 
 from ..models._checkpoint import resolve_checkpoint
 from ..models._loading import _hf_key
-from ..quant import QuantizedArray, dequantize, quantize
+from ..quant import dequantize, is_quantized
+from ..quant._params import quantize_like
 from ._inject import _merged_weight, lora_modules, merge_adapters
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -31,17 +32,14 @@ _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bf
 
 
 def _requantized_drift(model, adapter_name) -> float:
-    """Relative RMS change a re-quantized merge (NF4, as the base) would add to the merged weights."""
+    """Relative RMS change a re-quantized merge (in the base's format) would add to the merged weights."""
     num = den = 0.0
     for _, m in lora_modules(model):
         w = m.base_layer.weight.get_value()
-        if not isinstance(w, QuantizedArray):
+        if not is_quantized(w):
             continue
         merged = _merged_weight(m, adapter_name or m.active_adapter, jnp.float32)
-        back = dequantize(quantize(merged, quant_type=w.quant_type, blocksize=w.blocksize,
-                                   double_quant=w.double_quant,
-                                   double_quant_blocksize=w.nested_blocksize or 256,
-                                   batch_dims=len(w.batch_shape)), jnp.float32)
+        back = dequantize(quantize_like(merged, w), jnp.float32)
         num += float(jnp.sum((back - merged) ** 2))
         den += float(jnp.sum(merged ** 2))
     return math.sqrt(num / den) if den else 0.0
@@ -64,7 +62,7 @@ def save_merged(model, output_dir: str | os.PathLike, *, dtype: str = "bfloat16"
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key, layer = _hf_key(path)
         value = var.get_value()
-        if isinstance(value, QuantizedArray):  # a quantized linear no adapter touched
+        if is_quantized(value):  # a quantized linear no adapter touched
             value = dequantize(value, jnp.float32)
         array = np.asarray(jnp.asarray(value, jnp.float32)).astype(_NUMPY[dtype])
         if layer == -1:

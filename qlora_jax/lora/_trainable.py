@@ -8,7 +8,7 @@ import jax
 import optax
 from flax import nnx
 
-from ..quant import QuantizedArray
+from ..quant import is_quantized
 from ._layers import LoraLayerMask, LoraParam
 
 
@@ -39,7 +39,7 @@ def build_optimizer(tx: optax.GradientTransformation, params) -> optax.GradientT
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, all) parameters as PEFT counts them: a 4-bit weight counts its logical size
-    (PEFT doubles the numel of the packed uint8 storage); scales, absmax and other quantization
+    (PEFT doubles the numel of the packed uint8 storage), an 8-bit one its int8 codes; scales, absmax and other quantization
     statistics are not parameters; non-parameter variables (masks, RNG state) do not count."""
     flat = nnx.to_flat_state(nnx.state(model))
     # a stacked adapter whose rules select some layers only counts those layers, as PEFT has them
@@ -49,7 +49,7 @@ def count_parameters(model) -> tuple[int, int]:
         if not isinstance(var, nnx.Param):
             continue
         value = var.get_value()
-        n = value.size if isinstance(value, QuantizedArray) else math.prod(value.shape)
+        n = value.size if is_quantized(value) else math.prod(value.shape)
         if path[:-1] in masks:
             mask = masks[path[:-1]]
             n = n // mask.shape[0] * int(mask.sum())

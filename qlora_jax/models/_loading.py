@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..quant import QuantConfig, QuantizedArray, from_bnb_state, quantize
+from ..quant import QuantConfig, from_bnb_int8_state, from_bnb_state, is_quantized, quantize
 from ._checkpoint import iter_tensor_readers, iter_tensors, release_freed_memory, resolve_checkpoint
 from ._config import DecoderConfig
 from ._decoder import CausalLM
@@ -35,7 +35,8 @@ def _hf_key(path: tuple) -> tuple[str, int | None]:
 
 
 def _is_quantized_linear(key: str, quantization: QuantConfig | None) -> bool:
-    """transformers' 4-bit loading: every linear of the decoder layers; never embeddings or lm_head."""
+    """transformers' bitsandbytes loading (4- and 8-bit): every linear of the decoder layers; never
+    embeddings or lm_head, nor the modules in ``llm_int8_skip_modules``."""
     if quantization is None or not key.startswith("model.layers.") or not key.endswith("_proj.weight"):
         return False
     skip = quantization.llm_int8_skip_modules or ()
@@ -110,10 +111,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
     cfg = DecoderConfig.from_hf(hf_config)
     prequantized = _prequantized_config(hf_config)
     if prequantized is not None:
-        if quantization is not None and quantization.quantize_kwargs() != prequantized.quantize_kwargs():
-            raise ValueError(f"{str(ckpt)!r} is already quantized ({prequantized.quant_type}, blocksize "
-                             f"{prequantized.blocksize}, double_quant={prequantized.double_quant}); pass "
-                             f"quantization=None or a matching QuantConfig, not {quantization}")
+        _check_matches_stored(ckpt, quantization, prequantized)
         quantization = quantization or prequantized
     dtype = jnp.dtype(dtype)
     kw = dict(dtype=dtype, scan_layers=scan_layers, gradient_checkpointing=gradient_checkpointing,
@@ -142,7 +140,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
     partial = mesh is not None and prequantized is None and jax.process_count() > 1
     tensors = iter_tensor_readers(ckpt) if partial else iter_tensors(ckpt)
     if prequantized is not None:
-        tensors = _bnb_groups(tensors)
+        tensors = (_bnb_int8_groups(tensors, _torch_dtype(hf_config), quantization.llm_int8_threshold)
+                   if prequantized.load_in_8bit else _bnb_groups(tensors))
     for key, array in tensors:
         if key not in wanted:
             if not _IGNORED.match(key) and not (key == "lm_head.weight" and cfg.tie_word_embeddings):
@@ -157,7 +156,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
         if partial:
             value = _read_shards(key, array, dtype, quantization if _is_quantized_linear(key, quantization) else None,
                                  mesh)
-        elif isinstance(array, QuantizedArray):  # stored quantized: used as it is, never requantized
+        elif is_quantized(array):  # stored quantized: used as it is, never requantized
             value = array
         else:
             value = jnp.asarray(array).astype(dtype)
@@ -218,6 +217,15 @@ def _read_shards(key: str, reader, dtype, quantization: QuantConfig | None, mesh
     kw = quantization.quantize_kwargs()
     abstract = jax.eval_shape(lambda x: quantize(x, **kw), jax.ShapeDtypeStruct(shape, dtype))
     target = leaf_sharding(names, abstract, mesh)
+    if quantization.load_in_8bit:  # LLM.int8(): rows are independent, each process quantizes its bands
+        codes = np.zeros(abstract.codes.shape, np.int8)
+        scales = np.zeros(abstract.scales.shape, np.float32)
+        held = target.codes.addressable_devices_indices_map(abstract.codes.shape).values()
+        for r0, r1 in sorted({index[0].indices(shape[0])[:2] for index in held}):
+            band = quantize(jnp.asarray(reader[r0:r1]).astype(dtype), **kw)  # raises on bad values
+            codes[r0:r1], scales[r0:r1] = np.asarray(band.codes), np.asarray(band.scales)
+        put = lambda full, sharding: jax.make_array_from_callback(full.shape, sharding, lambda i: full[i])  # noqa: E731
+        return dataclasses.replace(abstract, codes=put(codes, target.codes), scales=put(scales, target.scales))
     if target.codes.spec == jax.sharding.PartitionSpec():  # kept whole (does not divide): read it all
         return jax.device_put(quantize(jnp.asarray(reader[:]).astype(dtype), **kw), target)
     cols = int(np.prod(shape[1:]))
@@ -260,17 +268,38 @@ def _place(value, key, shardings):
     return value if sharding is None else jax.device_put(value, sharding)
 
 
+def _check_matches_stored(ckpt, quantization: QuantConfig | None, stored: QuantConfig) -> None:
+    """A QuantConfig given for a pre-quantized checkpoint must describe what is stored (its
+    kernel, compute dtype and LLM.int8() threshold are free: they do not change the weights)."""
+    if quantization is None:
+        return
+    if quantization.load_in_8bit != stored.load_in_8bit or (
+            not stored.load_in_8bit and quantization.quantize_kwargs() != stored.quantize_kwargs()):
+        what = ("LLM.int8() (load_in_8bit)" if stored.load_in_8bit else
+                f"{stored.quant_type}, blocksize {stored.blocksize}, double_quant={stored.double_quant}")
+        raise ValueError(f"{str(ckpt)!r} is already quantized ({what}); pass quantization=None or a matching "
+                         f"QuantConfig, not {quantization}")
+
+
+def _torch_dtype(hf_config) -> str:
+    """The checkpoint's dtype name (config ``dtype`` / ``torch_dtype``), float16 when unset, as
+    transformers' 8-bit loading defaults to."""
+    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float16"
+    return str(dt).removeprefix("torch.")
+
+
 def _prequantized_config(hf_config) -> QuantConfig | None:
-    """The QuantConfig of a checkpoint transformers saved with bitsandbytes 4-bit weights."""
+    """The QuantConfig of a checkpoint transformers saved with bitsandbytes 4- or 8-bit weights."""
     qc = getattr(hf_config, "quantization_config", None)
     if qc is None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     if qc.get("quant_method") != "bitsandbytes":
         raise ValueError(f"quantization_config with quant_method={qc.get('quant_method')!r} is not supported; "
-                         "expected a bitsandbytes 4-bit checkpoint")
+                         "expected a bitsandbytes 4-bit or 8-bit checkpoint")
     if qc.get("load_in_8bit"):
-        raise ValueError("8-bit (LLM.int8()) checkpoints are not supported yet; expected bitsandbytes 4-bit")
+        return QuantConfig(load_in_8bit=True, llm_int8_threshold=float(qc.get("llm_int8_threshold", 6.0)),
+                           llm_int8_skip_modules=qc.get("llm_int8_skip_modules"))
     compute = str(qc.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch.")
     return QuantConfig(quant_type=qc.get("bnb_4bit_quant_type", "fp4"),
                        double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)), compute_dtype=compute,
@@ -302,3 +331,33 @@ def _bnb_groups(tensors):
     if pending:
         raise ValueError(f"incomplete bitsandbytes 4-bit entries for {sorted(pending)[:5]}: each quantized weight "
                          "needs its codes, absmax, quant_map and quant_state (and nested_* with double quantization)")
+
+
+_INT8_PART = re.compile(r"(.+\.)(weight|SCB|weight_format)$")
+
+
+def _bnb_int8_groups(tensors, dtype: str, threshold: float):
+    """Regroup a transformers 8-bit checkpoint's entries: each int8 ``weight`` with its ``SCB``
+    and ``weight_format`` (absent in older checkpoints: "row", as bitsandbytes assumes) becomes one
+    (key, Int8Array); other tensors pass through."""
+    pending: dict[str, dict] = {}
+    for key, array in tensors:
+        m = _INT8_PART.match(key)
+        if m is None or (m.group(2) == "weight" and array.dtype != np.int8):
+            yield key, array
+            continue
+        module, part = m.groups()
+        group = pending.setdefault(module, {})
+        group[part] = array
+        if {"weight", "SCB", "weight_format"} <= group.keys():
+            g = pending.pop(module)
+            yield module + "weight", from_bnb_int8_state(g["weight"], g["SCB"], g["weight_format"], dtype=dtype,
+                                                         threshold=threshold)
+    for module, g in pending.items():
+        if {"weight", "SCB"} <= g.keys():
+            yield module + "weight", from_bnb_int8_state(g["weight"], g["SCB"], g.get("weight_format"), dtype=dtype,
+                                                         threshold=threshold)
+    incomplete = sorted(m for m, g in pending.items() if not {"weight", "SCB"} <= g.keys())
+    if incomplete:
+        raise ValueError(f"incomplete bitsandbytes 8-bit entries for {incomplete[:5]}: each int8 weight needs its "
+                         "int8 'weight' and fp32 'SCB'")

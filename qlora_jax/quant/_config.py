@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from ._array import QUANT_TYPES, check_quant_args
+from ._int8 import check_threshold
 
 KERNELS = ("auto", "pallas", "triton", "cpu", "xla")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -17,9 +18,14 @@ class QuantConfig:
     """transformers' ``BitsAndBytesConfig`` in this library's names (../shared/contracts.md).
 
     quant_type / blocksize / double_quant / double_quant_blocksize: the 4-bit format.
-    compute_dtype: dtype of the quantized matmuls (bnb_4bit_compute_dtype); inputs are cast to it
+    compute_dtype: dtype of the 4-bit matmuls (bnb_4bit_compute_dtype); inputs are cast to it
       and results cast back, as bitsandbytes' Linear4bit does.
-    load_in_8bit, llm_int8_threshold: LLM.int8() bases (not built yet: refused).
+    load_in_8bit: LLM.int8() instead of 4 bits (then quant_type, blocksize, double quantization and
+      compute_dtype do not apply: an 8-bit linear computes in its input's dtype, as
+      Linear8bitLt); load_in_4bit: transformers' other switch, optional here (None: 4-bit unless
+      load_in_8bit), refused together with load_in_8bit.
+    llm_int8_threshold: LLM.int8()'s outlier threshold (6.0 as transformers; 0.0 turns the
+      decomposition off), stored with each 8-bit weight.
     llm_int8_skip_modules: module names kept in full precision (transformers applies the same
       list to 4-bit loading).
     kernel: the quantized-linear backend ("auto" | "pallas" | "triton" | "cpu" | "xla").
@@ -34,12 +40,26 @@ class QuantConfig:
     llm_int8_threshold: float = 6.0
     llm_int8_skip_modules: tuple[str, ...] | None = None
     kernel: str = "auto"
+    load_in_4bit: bool | None = None
 
     def __post_init__(self):
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("load_in_8bit=True and load_in_4bit=True were both set; choose one (LLM.int8() or "
+                             "4-bit NF4/FP4), as transformers' BitsAndBytesConfig requires")
+        if not self.load_in_8bit and self.load_in_4bit is False:
+            raise ValueError("load_in_4bit=False and load_in_8bit=False quantize nothing; pass quantization=None "
+                             "for a full-precision model")
+        object.__setattr__(self, "llm_int8_threshold", check_threshold(self.llm_int8_threshold))
+        if self.load_in_8bit and self.quant_type not in ("nf4", "int8"):
+            raise ValueError(f"quant_type={self.quant_type!r} does not apply with load_in_8bit=True (LLM.int8() "
+                             "quantizes row-wise to int8); leave quant_type unset")
+        if self.quant_type == "int8" and not self.load_in_8bit:
+            raise ValueError("quant_type='int8' is chosen by load_in_8bit=True (LLM.int8()); quant_type takes "
+                             f"{QUANT_TYPES} for 4-bit bases")
         if self.load_in_8bit:
-            raise ValueError("load_in_8bit=True (LLM.int8() bases) is not built yet; use 4-bit quant_type "
-                             f"{QUANT_TYPES}")
-        check_quant_args(self.quant_type, self.blocksize, self.double_quant_blocksize if self.double_quant else None)
+            object.__setattr__(self, "quant_type", "int8")
+        else:
+            check_quant_args(self.quant_type, self.blocksize, self.double_quant_blocksize if self.double_quant else None)
         if str(self.compute_dtype) not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not supported; expected one of {COMPUTE_DTYPES}")
         if self.kernel not in KERNELS:
@@ -49,8 +69,12 @@ class QuantConfig:
 
     @property
     def jnp_compute_dtype(self):
-        return jnp.dtype(self.compute_dtype)
+        """The dtype the quantized linears cast their inputs to; None for 8-bit (input dtype)."""
+        return None if self.load_in_8bit else jnp.dtype(self.compute_dtype)
 
     def quantize_kwargs(self) -> dict:
+        """Keyword arguments of ``quantize`` for this configuration's weights."""
+        if self.load_in_8bit:
+            return dict(quant_type="int8", threshold=self.llm_int8_threshold)
         return dict(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
                     double_quant_blocksize=self.double_quant_blocksize)

@@ -76,6 +76,15 @@ def quantize_params(params, *, rules: Rule | Sequence[str] | None = None, quant_
     return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_quantized)
 
 
+def quantize_like(x, like):
+    """``x`` quantized in the format of the quantized weight ``like`` (4-bit: its quant type,
+    blocksizes and double quantization; 8-bit: its threshold), with ``like``'s batch axes."""
+    if isinstance(like, Int8Array):
+        return quantize(x, quant_type="int8", threshold=like.threshold, batch_dims=len(like.batch_shape))
+    return quantize(x, quant_type=like.quant_type, blocksize=like.blocksize, double_quant=like.double_quant,
+                    double_quant_blocksize=like.nested_blocksize or 256, batch_dims=len(like.batch_shape))
+
+
 def is_quantized(x) -> bool:
     """A quantized weight value: a 4-bit QuantizedArray or an 8-bit Int8Array."""
     return isinstance(x, (QuantizedArray, Int8Array))

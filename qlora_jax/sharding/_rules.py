@@ -12,6 +12,8 @@ dense weight [out, in]      out: tensor, in: fsdp               out: fsdp, in: t
 QuantizedArray codes and    flat axis (output features): tensor x fsdp, whole absmax blocks per
 absmax [..., N/2], [.., NB] shard; nested absmax and offset (one fp32 per 16384 weights; one per
                             tensor) replicated
+Int8Array codes [.., out,    out: tensor x fsdp (whole rows, the row scales alike)
+in], scales [.., out]
 bias [out]                  out: tensor                         replicated
 LoRA A [r, in]              in: fsdp                            in: tensor x fsdp
 LoRA B [out, r]             out: tensor x fsdp                  out: fsdp
@@ -40,7 +42,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..quant import QuantizedArray
+from ..quant import Int8Array, QuantizedArray, is_quantized
 
 ROW_PARALLEL = ("o_proj", "down_proj")
 VOCAB = ("embed_tokens", "lm_head")
@@ -85,7 +87,18 @@ def _linear(names: tuple) -> str | None:
     return next((n for n in reversed(names) if isinstance(n, str) and n.endswith("_proj")), None)
 
 
+def _int8_sharding(q: Int8Array, mesh: Mesh) -> Int8Array:
+    """LLM.int8() codes [..., out, in] and row scales [..., out] split along output features (the
+    same axes as a 4-bit weight; every row is whole, so any divisor of out works)."""
+    lead = len(q.batch_shape)
+    axis = _fit(mesh, q.logical_shape[0], ("tensor", "fsdp"))
+    spec = () if axis is None else (*(None,) * lead, axis)
+    return dataclasses.replace(q, codes=NamedSharding(mesh, P(*spec)), scales=NamedSharding(mesh, P(*spec)))
+
+
 def _quantized_sharding(names: tuple, q: QuantizedArray, mesh: Mesh) -> QuantizedArray:
+    if isinstance(q, Int8Array):
+        return _int8_sharding(q, mesh)
     lead = len(q.batch_shape)
     rows, in_features = q.logical_shape[0], math.prod(q.logical_shape[1:])
     axis = _fit(mesh, rows, ("tensor", "fsdp"), ok=lambda n: (rows // n * in_features) % q.blocksize == 0)
@@ -117,9 +130,9 @@ def leaf_spec(names: tuple, shape: tuple, mesh: Mesh) -> P:
 
 
 def leaf_sharding(names, value, mesh: Mesh):
-    """The sharding of one leaf (a QuantizedArray gets a QuantizedArray of shardings)."""
+    """The sharding of one leaf (a QuantizedArray or Int8Array gets one of shardings)."""
     names = _names(names)
-    if isinstance(value, QuantizedArray):
+    if is_quantized(value):
         return _quantized_sharding(names, value, mesh)
     return NamedSharding(mesh, leaf_spec(names, tuple(value.shape), mesh))
 
@@ -127,8 +140,7 @@ def leaf_sharding(names, value, mesh: Mesh):
 def param_shardings(tree: Any, mesh: Mesh) -> Any:
     """A tree of shardings for ``tree`` (an nnx State, a split model's part, any pytree whose
     paths name Hugging Face modules); arrays, ShapeDtypeStructs or QuantizedArrays as leaves."""
-    is_q = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
-    return jax.tree_util.tree_map_with_path(lambda path, x: leaf_sharding(path, x, mesh), tree, is_leaf=is_q)
+    return jax.tree_util.tree_map_with_path(lambda path, x: leaf_sharding(path, x, mesh), tree, is_leaf=is_quantized)
 
 
 def shard(tree: Any, mesh: Mesh) -> Any:
@@ -212,11 +224,17 @@ def gather_weight(w, *, row_parallel: bool):
     (FSDP: the weight moves, the batch stays split) and split over ``tensor`` as Megatron does
     (column-parallel: output features; row-parallel: input features, dense weights only: a 4-bit
     row-parallel weight is gathered whole and XLA slices its input features after dequantizing).
-    A QuantizedArray is gathered as packed codes and absmax, 4.5 bits per weight. Without a mesh
-    in context, ``w`` unchanged."""
+    A QuantizedArray is gathered as packed codes and absmax, 4.5 bits per weight; an Int8Array as
+    int8 codes and row scales (split over ``tensor`` like a 4-bit weight). Without a mesh in
+    context, ``w`` unchanged."""
     mesh = _context_mesh()
     if mesh is None:
         return w
+    if isinstance(w, Int8Array):
+        axis = None if row_parallel else _fit(mesh, w.logical_shape[0], ("tensor",))
+        spec = P() if axis is None else P(*(None,) * len(w.batch_shape), axis)
+        return dataclasses.replace(w, codes=jax.lax.with_sharding_constraint(w.codes, spec),
+                                   scales=jax.lax.with_sharding_constraint(w.scales, spec))
     if isinstance(w, QuantizedArray):
         rows, cols = w.logical_shape[0], math.prod(w.logical_shape[1:])
         whole_blocks = lambda n: (rows // n * cols) % w.blocksize == 0  # noqa: E731

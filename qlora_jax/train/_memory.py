@@ -279,7 +279,7 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
         ``GradientTransformation`` whose state is sized by ``jax.eval_shape``.
     """
     from ..lora import LoraParam
-    from ..quant import QuantizedArray
+    from ..quant import is_quantized
 
     cfg = model.config
     b, s, m = int(batch_size), int(seq_length), int(micro_batches)
@@ -292,7 +292,7 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
     quantized = False
     for _, var in nnx.to_flat_state(nnx.state(model)):
         value = var.get_value()
-        quantized = quantized or isinstance(value, QuantizedArray)
+        quantized = quantized or is_quantized(value)
         if isinstance(var, LoraParam):
             adapter_bytes += _nbytes(value)
             trainable_numel += int(math.prod(value.shape))
