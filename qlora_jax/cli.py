@@ -1,6 +1,6 @@
 """The ``qlora-jax`` command.
 
-Subcommands: ``info`` (a checkpoint's shape and its 4-bit storage; ``--quantize`` streams and
+Subcommands: ``info`` (a checkpoint's shape and its 4-bit or 8-bit storage; ``--quantize`` streams and
 quantizes every tensor for real), ``generate`` (load, quantize, attach an adapter, complete
 prompts), ``train`` (fine-tune from a run config), ``merge`` (fold an adapter into its base) and
 ``launch`` (several local processes that train as one).
@@ -18,14 +18,27 @@ from .models import iter_tensors, resolve_checkpoint, tensor_specs
 
 
 def _add_quant_args(p: argparse.ArgumentParser, *, allow_none: bool = False) -> None:
-    choices = (*quant.QUANT_TYPES, "none") if allow_none else quant.QUANT_TYPES
+    choices = (*quant.QUANT_TYPES, "int8", "none") if allow_none else (*quant.QUANT_TYPES, "int8")
     p.add_argument("--quant-type", default="nf4", choices=choices,
-                   help="4-bit data type of the decoder linears" + (", or none for a dense base" if allow_none else "")
-                   + " (default nf4)")
+                   help="data type of the decoder linears: nf4 or fp4 (4-bit), int8 (LLM.int8(), transformers' "
+                   "load_in_8bit)" + (", or none for a dense base" if allow_none else "") + " (default nf4)")
+    p.add_argument("--llm-int8-threshold", type=float, default=6.0,
+                   help="LLM.int8() outlier threshold for --quant-type int8 (default 6.0; 0 turns the "
+                   "decomposition off)")
     p.add_argument("--blocksize", type=int, default=64, choices=quant.BLOCKSIZES_4BIT,
                    help="elements per absmax block (default 64)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="keep the absmax values in fp32 instead of 8 bits")
+
+
+def _quant_config(args, compute_dtype: str = "bfloat16") -> quant.QuantConfig | None:
+    """The QuantConfig the quantization flags describe (None for --quant-type none)."""
+    if args.quant_type == "none":
+        return None
+    if args.quant_type == "int8":
+        return quant.QuantConfig(load_in_8bit=True, llm_int8_threshold=args.llm_int8_threshold)
+    return quant.QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
+                             compute_dtype=compute_dtype)
 
 
 def _load_model(args, *, dtype: str, compute_dtype: str):
@@ -36,9 +49,7 @@ def _load_model(args, *, dtype: str, compute_dtype: str):
     from .models import from_pretrained
 
     ckpt = resolve_checkpoint(args.model, revision=args.revision)
-    quantization = None if args.quant_type == "none" else quant.QuantConfig(
-        quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
-        compute_dtype=compute_dtype)
+    quantization = _quant_config(args, compute_dtype)
     model = from_pretrained(ckpt, quantization=quantization, dtype=getattr(jnp, dtype))
     if args.adapter:
         load_adapter(model, args.adapter)
@@ -64,9 +75,12 @@ def cmd_info(args) -> int:
     ckpt = resolve_checkpoint(args.model, revision=args.revision)
     print(f"checkpoint: {ckpt}")
     print(_config_line(ckpt))
-    kw = dict(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant)
-    print(f"quantization: {args.quant_type}, blocksize {args.blocksize}, "
-          f"double quantization {'on' if args.double_quant else 'off'}")
+    kw = _quant_config(args).quantize_kwargs()
+    if args.quant_type == "int8":
+        print(f"quantization: int8 (LLM.int8(), row-wise), outlier threshold {args.llm_int8_threshold}")
+    else:
+        print(f"quantization: {args.quant_type}, blocksize {args.blocksize}, "
+              f"double quantization {'on' if args.double_quant else 'off'}")
     specs = tensor_specs(ckpt)
     if not args.quantize:
         tree = jax.eval_shape(lambda t: quant.quantize_params(t, **kw), specs)
@@ -107,7 +121,7 @@ def _print_run_estimate(args, ckpt) -> None:
 
     config = load_config(args.config, [f"model={args.model}", *args.overrides])
     q = config.quantization if args.config or any(o.startswith("quantization.") for o in args.overrides) else \
-        quant.QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant)
+        _quant_config(args)
     t, d = config.training, config.data
     model = abstract_model(ckpt, quantization=q, dtype=getattr(jnp, config.model.dtype),
                            scan_layers=config.model.scan_layers,

@@ -233,3 +233,25 @@ def test_quant_config_bad_input():
     q = QuantConfig(load_in_8bit=True)
     assert q.quant_type == "int8" and q.jnp_compute_dtype is None
     assert q.quantize_kwargs() == {"quant_type": "int8", "threshold": 6.0}
+
+
+def test_cli_generate_and_info_with_an_8bit_base(base, capsys):
+    """``qlora-jax generate --quant-type int8`` greedy-decodes as transformers' load_in_8bit model
+    (eval mode: MatMul8bitLt), and ``info`` reports LLM.int8()'s storage (8 bits + one fp32 per row)."""
+    from qlora_jax import cli
+
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    hf = _hf_8bit(base).eval()
+    batch = tok(["Hello there"], return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert cli.main(["generate", str(base), "--quant-type", "int8", "--dtype", "float32", "--max-new-tokens", "6",
+                     "--prompt", "Hello there"]) == 0
+    assert capsys.readouterr().out == f"### Hello there\n{expected}\n"
+    assert cli.main(["info", str(base), "--quant-type", "int8", "--quantize"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 (LLM.int8(), row-wise), outlier threshold 6.0" in printed
+    bits = float(next(line for line in printed.splitlines() if line.startswith("quantized weights")).split()[-1])
+    assert 8.0 < bits < 8.5
