@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--stacks", default=",".join(STACKS), help="comma-separated subset of " + ",".join(STACKS))
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--load-in-8bit", action="store_true",
+                   help="an LLM.int8() base (transformers' load_in_8bit, threshold 6.0) instead of NF4 + double quant")
     p.add_argument("--batch", type=int, help="override the preset's batch size")
     p.add_argument("--seq", type=int, help="override the preset's sequence length")
     p.add_argument("--timeout", type=float, help="seconds each stack may run")
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         config = CompareConfig(preset=None if a.model else a.preset, model=a.model, steps=a.steps, dtype=a.dtype,
                                stacks=tuple(s.strip() for s in a.stacks.split(",") if s.strip()),
-                               gradient_checkpointing=a.gradient_checkpointing, batch=a.batch, seq=a.seq)
+                               gradient_checkpointing=a.gradient_checkpointing, batch=a.batch, seq=a.seq,
+                               load_in_8bit=a.load_in_8bit)
     except ValueError as e:
         p.error(str(e))
     command = shlex.join(["python", "scripts/compare_torch.py", *(sys.argv[1:] if argv is None else argv)])

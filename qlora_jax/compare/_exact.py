@@ -95,6 +95,8 @@ def compare_with_bnb(model, ckpt: str | Path, bnb_base: str | Path, quant, torch
     from ..models._loading import _bnb_groups, _hf_key
     from ..quant import _array
 
+    if quant.load_in_8bit:
+        return _compare_int8(model, bnb_base)
     ours: dict[str, QuantizedArray] = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
         value = var.get_value()
@@ -137,3 +139,37 @@ def _slice(q: QuantizedArray, i: int) -> QuantizedArray:
     return dataclasses.replace(q, codes=q.codes[i], absmax=q.absmax[i],
                                nested_absmax=None if q.nested_absmax is None else q.nested_absmax[i],
                                offset=None if q.offset is None else q.offset[i])
+
+
+def _compare_int8(model, bnb_base) -> dict:
+    """LLM.int8(): every Int8Array of ``model`` against bitsandbytes' saved CB and SCB (equal)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from ..models._checkpoint import iter_tensors
+    from ..models._loading import _bnb_int8_groups, _hf_key
+    from ..quant import Int8Array
+
+    ours = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        value = var.get_value()
+        if isinstance(value, Int8Array):
+            key, layer = _hf_key(path)
+            if layer == -1:
+                for i in range(value.batch_shape[0]):
+                    ours[key.format(i)] = dataclasses.replace(value, codes=value.codes[i], scales=value.scales[i])
+            else:
+                ours[key] = value
+    theirs = {k: v for k, v in _bnb_int8_groups(iter_tensors(bnb_base), "float16", 6.0) if isinstance(v, Int8Array)}
+    mismatches = {}
+    for key in sorted(set(ours) | set(theirs)):
+        if key not in theirs or key not in ours:
+            mismatches[key] = "quantized by one stack only"
+        elif not np.array_equal(np.asarray(ours[key].codes), np.asarray(theirs[key].codes)):
+            mismatches[key] = f"{int((np.asarray(ours[key].codes) != np.asarray(theirs[key].codes)).sum())} codes differ"
+        elif not np.array_equal(np.asarray(ours[key].scales), np.asarray(theirs[key].scales)):
+            mismatches[key] = "row scales differ"
+    tensors = len(set(ours) | set(theirs))
+    return {"tensors": tensors, "exact": tensors - len(mismatches), "mismatches": mismatches, "torch_threads": None,
+            "exact_in_torch_thread_order": tensors - len(mismatches)}

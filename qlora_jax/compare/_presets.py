@@ -46,6 +46,7 @@ class CompareConfig:
     prompt_length: int = 32
     max_new_tokens: int = 64
     seed: int = 0
+    load_in_8bit: bool = False  # LLM.int8() bases instead of NF4 + double quantization (Qwix: its int8)
 
     def __post_init__(self):
         if (self.preset is None) == (self.model is None):

@@ -71,7 +71,8 @@ def markdown(report: dict, plots: list[str]) -> str:
              f"{env['date']} on {env['cpu']} ({env['cores']} cores), {env['platform']}; devices: "
              f"{env.get('device')}.  ",
              f"Command: `{env['command']}`", "",
-             f"Job: NF4 + double quantization, compute dtype {cfg['dtype']}, LoRA r={cfg['r']} alpha="
+             f"Job: {'LLM.int8() (load_in_8bit, threshold 6.0)' if cfg.get('load_in_8bit') else 'NF4 + double quantization'}"
+             f", compute dtype {cfg['dtype']}, LoRA r={cfg['r']} alpha="
              f"{cfg['lora_alpha']} dropout 0 on all linear layers, AdamW lr {cfg['learning_rate']} (0.9, 0.999, "
              f"1e-8, no decay, no clipping, constant), batch {cfg['batch']} x seq {cfg['seq']}, {cfg['steps']} "
              f"steps, gradient checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'}; generation: greedy, "
@@ -91,9 +92,10 @@ def markdown(report: dict, plots: list[str]) -> str:
         lines.append(f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} | {verdict} |")
     exact = ours.get("bit_exact")
     if exact:
-        lines += ["", f"Bit-exactness of qlora_jax's NF4 state against bitsandbytes' (codes, nested scales, offset "
-                  f"within 1 ulp, nested codes but for bitsandbytes' CPU lookup-table steps): **{exact['exact']} of "
-                  f"{exact['tensors']}** quantized weights."]
+        rule = ("int8 codes and fp32 row scales, equal" if cfg.get("load_in_8bit") else
+                "codes, nested scales, offset within 1 ulp, nested codes but for bitsandbytes' CPU lookup-table steps")
+        lines += ["", f"Bit-exactness of qlora_jax's {'LLM.int8()' if cfg.get('load_in_8bit') else 'NF4'} state "
+                  f"against bitsandbytes' ({rule}): **{exact['exact']} of {exact['tensors']}** quantized weights."]
         if exact["exact"] < exact["tensors"] and exact.get("torch_threads"):
             lines.append(f"With the double-quantization offset summed in torch's {exact['torch_threads']}-thread order "
                          f"(bitsandbytes' `absmax.mean()` on CPU splits sums of 32768+ values over torch's threads; "

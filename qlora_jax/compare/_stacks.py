@@ -157,8 +157,14 @@ def run_reference(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     result["torch_threads"] = torch.get_num_threads()
     result["baseline_rss_bytes"] = PeakAnonMemory.current()
     with _Phase(result, "load"):
-        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        if config.load_in_8bit:
+            bnb = transformers.BitsAndBytesConfig(load_in_8bit=True)
+            result["notes"].append("8-bit base: bitsandbytes on CPU trains with MatMul8bitFp (dequantize + linear) "
+                                   "and generates with MatMul8bitLt (int8 activations, outlier decomposition); "
+                                   "qlora_jax runs MatMul8bitLt's semantics for both (docs/decisions.md)")
+        else:
+            bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = timed_load(result, lambda: transformers.AutoModelForCausalLM.from_pretrained(
@@ -167,7 +173,7 @@ def run_reference(config: CompareConfig, ckpt: Path, work: Path) -> dict:
                                    if "bitsandbytes" in str(w.filename) or "gemm_4bit" in str(w.message)})
     if "load" in result["errors"]:
         return result
-    # bitsandbytes' quantized base, in transformers' 4-bit format, for qlora_jax to train on
+    # bitsandbytes' quantized base, in transformers' 4-bit (8-bit) format, for qlora_jax to train on
     model.save_pretrained(work / "bnb_base")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -265,7 +271,13 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     result["configuration"] = (f"from_pretrained(scan_layers={SCAN_LAYERS}), kernel 'auto' (on CPU: the native "
                                f"kernel, {cpu_kernel}, for up to {cpu_nf4.MAX_M} rows; XLA's dequantize + dot above), "
                                "optim 'adamw' (on device), one jitted train step")
-    quant = qlora_jax.QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=config.dtype)
+    if config.load_in_8bit:
+        quant = qlora_jax.QuantConfig(load_in_8bit=True)
+        result["configuration"] = ("from_pretrained(scan_layers=False), LLM.int8() base (load_in_8bit, threshold "
+                                   "6.0: XLA's int8 x int8 -> int32 dot with outlier columns by mask), optim 'adamw' "
+                                   "(on device), one jitted train step")
+    else:
+        quant = qlora_jax.QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=config.dtype)
     with _Phase(result, "load"):
         def load():
             m = qlora_jax.from_pretrained(ckpt, quantization=quant, dtype=dtype, scan_layers=SCAN_LAYERS,
@@ -291,7 +303,8 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     if bnb_base.exists():
         model = qlora_jax.from_pretrained(bnb_base, dtype=dtype, scan_layers=SCAN_LAYERS,
                                           gradient_checkpointing=config.gradient_checkpointing)
-        result["train_base"] = "bitsandbytes' quantized state (from_bnb_state via its saved 4-bit checkpoint)"
+        result["train_base"] = ("bitsandbytes' quantized state (its saved " + ("8-bit" if config.load_in_8bit else
+                                "4-bit") + " checkpoint, loaded without requantizing)")
     else:
         model = qlora_jax.from_pretrained(ckpt, quantization=quant, dtype=dtype, scan_layers=SCAN_LAYERS,
                                           gradient_checkpointing=config.gradient_checkpointing)
@@ -349,10 +362,14 @@ def _generate_jax(result: dict, model, config: CompareConfig, vocab: int) -> Non
 def qwix_rules(ckpt: Path, config: CompareConfig) -> list:
     """Qwix's LoRA rules: NF4 tiles of 64 input features; where a linear's input features are not a
     multiple of 64 (down_proj of the small preset: 1376), Qwix cannot tile them by 64 and the rule
-    for those modules takes the largest power of two that divides them (1376: 32)."""
+    for those modules takes the largest power of two that divides them (1376: 32). With an 8-bit
+    base: Qwix's int8, one scale per output feature (no tiles), as LLM.int8()'s row scales."""
     import qwix
     from transformers import AutoConfig
 
+    if config.load_in_8bit:
+        return [qwix.LoraRule(module_path=r".*/(" + "|".join(f"{g}/{n}" for n, g in LINEAR_GROUPS.items()) + ")",
+                              weight_qtype="int8", rank=config.r, alpha=config.lora_alpha)]
     hf = AutoConfig.from_pretrained(ckpt)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     in_features = {name: hf.hidden_size for name in LINEAR_GROUPS}
@@ -378,12 +395,15 @@ def run_qwix(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     result = _jax_result()
     dtype = jnp.dtype(config.dtype)
     rules = qwix_rules(ckpt, config)
-    result["configuration"] = (f"qwix {qwix.__version__}: LoraProvider of LoraRule(weight_qtype='nf4', "
+    qtype = "int8" if config.load_in_8bit else "nf4"
+    result["configuration"] = (f"qwix {qwix.__version__}: LoraProvider of LoraRule(weight_qtype='{qtype}', "
                                f"rank={config.r}, alpha={config.lora_alpha}) for "
                                + "; ".join(f"module_path {r.module_path!r} with tile_size {r.tile_size}" for r in rules)
                                + ", applied with "
                                "apply_lora_to_model to qlora_jax's dense model (scan_layers=False), intercepting its "
-                               "forward; uint4 codes with a scale per tile, no double quantization; jitted AdamW step "
+                               + ("forward; int8 codes with a scale per output feature" if config.load_in_8bit else
+                                  "forward; uint4 codes with a scale per tile, no double quantization")
+                               + "; jitted AdamW step "
                                "over the nnx.LoRAParam leaves")
     with _Phase(result, "load"):
         def load():

@@ -25,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..quant._int8 import INV_127, MM_DEQUANT, Int8Array, backward_weight, round_codes
 
@@ -36,15 +37,17 @@ def _dot_t(x, w, preferred):
 def quantize_activations(x2, threshold: float):
     """Steps 1-2 for [M, K] x: (int8 codes with outlier columns zeroed, fp32 SCA [M], outlier
     column mask [K] or None without decomposition)."""
-    x16 = x2.astype(jnp.float16)
+    # x rounded to float16 as bitsandbytes does, then held in fp32 (exactly): XLA:CPU has no native
+    # float16 arithmetic, and on float16 values abs, max and comparisons give the same results
+    x16 = x2.astype(jnp.float16).astype(jnp.float32)
     cols = None
     if threshold > 0.0:
-        outliers = jnp.abs(x16) >= jnp.float16(threshold)  # torch compares in float16
+        outliers = jnp.abs(x16) >= jnp.float32(np.float16(threshold))  # torch compares in float16
         cols = jnp.any(outliers, axis=0)
-        x16 = jnp.where(outliers, jnp.float16(0), x16)
-    sca = jnp.max(jnp.abs(x16), axis=-1).astype(jnp.float32)
+        x16 = jnp.where(outliers, jnp.float32(0), x16)
+    sca = jnp.max(jnp.abs(x16), axis=-1)
     scale = (jnp.float32(1.0) / sca) * jnp.float32(127.0)
-    ca = round_codes(x16.astype(jnp.float32) * scale[:, None])
+    ca = round_codes(x16 * scale[:, None])
     if cols is not None:
         ca = jnp.where(cols[None, :], jnp.int8(0), ca)
     return ca, sca, cols
