@@ -219,3 +219,22 @@ def test_bad_input():
         qlora_jax.quantize(jnp.ones((2, 8, 16)), quant_type="int8")
     with pytest.raises(ValueError, match="does not fit input"):
         qmatmul(jnp.ones((2, 15)), q)
+
+
+@pytest.mark.parametrize("outlier_columns", [2, 3, 5, 40])
+def test_outlier_product_gathered_or_masked(monkeypatch, outlier_columns):
+    """Outlier columns go through the smallest gathered slot that holds them, more than the largest
+    through the mask over the whole input: all as bitsandbytes (here with slots of 3 and 6)."""
+    from qlora_jax.ops import _int8
+
+    monkeypatch.setattr(_int8, "OUTLIER_SLOTS", (3, 6))
+    g = torch.Generator().manual_seed(outlier_columns)
+    w = torch.randn(48, 96, generator=g) * 0.1
+    x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
+    x[1, torch.randperm(96, generator=g)[:outlier_columns]] = 9.5
+    lin = _linear8bit(w, 6.0)
+    with torch.no_grad():
+        ref = lin(x).float().numpy()
+    q = qlora_jax.quantize(jnp.asarray(w.numpy()), quant_type="int8")
+    y = jax.jit(lambda a, w: qmatmul(a, w))(to_jax(x), q)
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), ref)

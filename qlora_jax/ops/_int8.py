@@ -8,8 +8,9 @@ Forward (bitsandbytes' CUDA semantics, also its CPU eval-mode path), x as [M, K]
 3. int8 x int8 -> int32 product, rescaled ``(acc * (SCA * SCB)) * 6.200124e-05`` in fp32 and cast
    to x's dtype;
 4. the outlier columns are added back in x's dtype: ``x[:, cols] @ dequant(W)[:, cols]^T``
-   (here: a column mask over the whole x, so that shapes stay static under jit; the product is
-   skipped by a ``lax.cond`` when no column holds an outlier).
+   (shapes stay static under jit: the outlier columns are gathered into fixed-size slots,
+   ``OUTLIER_SLOTS``; beyond the largest a column mask runs over the whole x; nothing runs when no
+   column holds an outlier: ``lax.switch``).
 ``threshold == 0``: steps 1 and 4 drop out (no decomposition).
 
 Backward: dx = dy @ (CB * (SCB / 127)) in x's dtype with fp32 accumulation (MatMul8bitLt's
@@ -53,19 +54,56 @@ def quantize_activations(x2, threshold: float):
     return ca, sca, cols
 
 
+#: Slot sizes (static) for gathering the outlier columns of the outlier product: the smallest
+#: that holds them runs; more columns than the largest and the product runs over the whole masked
+#: input. LLM.int8()'s outliers sit in a few feature dimensions (the paper: about 7 at 6.7B).
+OUTLIER_SLOTS = (16, 256)
+
+
 def _forward(x2, codes, scales, threshold: float):
+    m = x2.shape[0]
+    if m == 1:  # XLA:CPU's integer matrix-vector product is ~20x slower than with two rows
+        x2 = jnp.pad(x2, ((0, 1), (0, 0)))
     ca, sca, cols = quantize_activations(x2, threshold)
     acc = _dot_t(ca, codes, jnp.int32)
     out = ((acc.astype(jnp.float32) * (sca[:, None] * scales[None, :])) * MM_DEQUANT).astype(x2.dtype)
-    if cols is None:
-        return out
+    if cols is not None:
+        out = _add_outliers(out, x2, codes, scales, cols)
+    return out[:m]
 
-    def add_outliers(out):
+
+def _add_outliers(out, x2, codes, scales, cols):
+    """``out + x[:, cols] @ dequant(W)[:, cols]^T`` in x's dtype with one rounding (torch's addmm):
+    nothing when no column holds an outlier; the outlier columns gathered into the smallest slot of
+    OUTLIER_SLOTS that holds them (static size, unused places zero); more: the whole input masked
+    against the whole dequantized weight."""
+    k = x2.shape[1]
+    slots = sorted({min(k, c) for c in OUTLIER_SLOTS})
+    count = jnp.sum(cols, dtype=jnp.int32)
+
+    def add(sub):
+        return (out.astype(jnp.float32) + sub).astype(x2.dtype)
+
+    def gathered(size):
+        def run():
+            idx = jnp.nonzero(cols, size=size, fill_value=0)[0]
+            used = jnp.arange(size) < count
+            xs = jnp.where(used[None, :], x2[:, idx], jnp.zeros((), x2.dtype))
+            ws = ((codes[:, idx].astype(jnp.float32) * scales[:, None]) * INV_127).astype(x2.dtype)
+            # fp32 operands: the products of two bf16/fp16 values are exact in fp32, so this is the
+            # x-dtype product with fp32 accumulation (XLA:CPU's runtime lacks bf16 x bf16 -> f32 here)
+            return add(_dot_t(xs.astype(jnp.float32), ws.astype(jnp.float32), jnp.float32))
+        return run
+
+    def masked():
         w_hat = ((codes.astype(jnp.float32) * scales[:, None]) * INV_127).astype(x2.dtype)
-        sub = _dot_t(jnp.where(cols[None, :], x2, jnp.zeros((), x2.dtype)), w_hat, jnp.float32)
-        return (out.astype(jnp.float32) + sub).astype(x2.dtype)  # torch's addmm: one rounding
+        return add(_dot_t(jnp.where(cols[None, :], x2, jnp.zeros((), x2.dtype)), w_hat, jnp.float32))
 
-    return jax.lax.cond(jnp.any(cols), add_outliers, lambda o: o, out)
+    branch = jnp.int32(len(slots) + 1)
+    for i, size in reversed(list(enumerate(slots))):
+        branch = jnp.where(count <= size, i + 1, branch)
+    branch = jnp.where(count == 0, 0, branch)
+    return jax.lax.switch(branch, [lambda: out, *(gathered(c) for c in slots), masked])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
