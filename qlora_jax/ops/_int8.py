@@ -117,9 +117,11 @@ def _fwd(x2, w, threshold):
 
 
 def _bwd(threshold, w, dy):
-    dx = jax.lax.dot_general(dy, backward_weight(w, dy.dtype), (((1,), (0,)), ((), ())),
+    m = dy.shape[0]
+    rows = jnp.pad(dy, ((0, 1), (0, 0))) if m == 1 else dy  # as the forward: no matrix-vector product
+    dx = jax.lax.dot_general(rows, backward_weight(w, dy.dtype), (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
-    return dx.astype(dy.dtype), None  # None: a symbolic zero for the frozen weight
+    return dx[:m].astype(dy.dtype), None  # None: a symbolic zero for the frozen weight
 
 
 int8_matmul.defvjp(_fwd, _bwd)
