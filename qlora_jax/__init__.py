@@ -9,14 +9,14 @@ from .generate import generate
 from .lora import (LoraConfig, apply_lora, load_adapter, merge_adapters, print_trainable_parameters, save_adapter,
                    set_adapter, trainable_mask, unmerge_adapters)
 from .models import from_pretrained
-from .quant import (Int8Array, QuantConfig, QuantizedArray, StorageReport, dequantize, dequantize_params, from_bnb_state,
-                    quantize, quantize_params, storage_report, to_bnb_state)
+from .quant import (Int8Array, QuantConfig, QuantizedArray, StorageReport, dequantize, dequantize_params,
+                    from_bnb_state, quantize, quantize_params, storage_report, to_bnb_state)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "apply_lora", "load_adapter", "merge_adapters", "print_trainable_parameters", "save_adapter",
     "set_adapter", "trainable_mask", "unmerge_adapters",
-    "Int8Array", "QuantConfig", "QuantizedArray", "from_pretrained", "generate", "StorageReport", "dequantize", "dequantize_params", "from_bnb_state", "quantize",
-    "quantize_params", "storage_report", "to_bnb_state",
+    "Int8Array", "QuantConfig", "QuantizedArray", "from_pretrained", "generate", "StorageReport", "dequantize",
+    "dequantize_params", "from_bnb_state", "quantize", "quantize_params", "storage_report", "to_bnb_state",
 ]

@@ -189,7 +189,8 @@ def test_lowers_for_cuda_with_an_int8_product():
     XLA's GPU compiler hands to the int8 tensor-core GEMM)."""
     from jax import export
 
-    q = jax.eval_shape(lambda w: qlora_jax.quantize(w, quant_type="int8"), jax.ShapeDtypeStruct((256, 512), jnp.float32))
+    q = jax.eval_shape(lambda w: qlora_jax.quantize(w, quant_type="int8"),
+                       jax.ShapeDtypeStruct((256, 512), jnp.float32))
     x = jax.ShapeDtypeStruct((64, 512), jnp.bfloat16)
     exp = export.export(jax.jit(lambda a, w: qmatmul(a, w)), platforms=["cuda"])(x, q)
     text = exp.mlir_module()

@@ -291,3 +291,75 @@ def test_fused_kernels_run_per_device_under_a_mesh(tmp_path):
     assert out["grad_split"]  # dx stays split as x
     assert not any(g.startswith("f32[8,5,128]") for g in out["gathers"]), out["gathers"]
     np.testing.assert_allclose(out["mesh"], out["single"], rtol=1e-5)
+
+
+INT8 = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    import qlora_jax
+    from qlora_jax.models import write_tiny_llama
+    from qlora_jax.models._checkpoint import iter_tensor_readers
+    from qlora_jax.models._loading import _read_shards
+    from qlora_jax.quant import Int8Array, QuantConfig
+    from qlora_jax.sharding import batch_sharding, make_mesh, place, put_batch, replicated, shard
+    from qlora_jax.train import init_opt_state, make_optimizer, make_train_step, split_model
+
+    out = {}
+    path = write_tiny_llama(sys.argv[1] + "/tiny")
+    q = QuantConfig(load_in_8bit=True)
+    mesh = make_mesh(2, 2, 2)
+    for key, reader in iter_tensor_readers(path):  # each process reads the row bands its devices hold
+        if key == "model.layers.1.mlp.down_proj.weight":
+            got = _read_shards(key, reader, jnp.float32, q, mesh)
+            whole = qlora_jax.quantize(jnp.asarray(reader[:]), quant_type="int8")
+            out["bands_equal"] = bool(np.array_equal(np.asarray(got.codes), np.asarray(whole.codes))
+                                      and np.array_equal(np.asarray(got.scales), np.asarray(whole.scales)))
+            out["bands_spec"] = [str(got.codes.sharding.spec), str(got.scales.sharding.spec)]
+    for name, m in (("single", None), ("mesh", mesh)):
+        model = qlora_jax.from_pretrained(path, quantization=q, mesh=m)
+        if m is not None:
+            w = model.layers.mlp.up_proj.weight.get_value()
+            out["specs"] = [str(w.codes.sharding.spec), str(w.scales.sharding.spec)]
+            out["codes_per_device"] = w.codes.addressable_shards[0].data.size / w.codes.size
+        qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+        parts = split_model(model)
+        tx = make_optimizer(1e-2, num_training_steps=3, optim="adamw")
+        trainable, rngs = parts.trainable, parts.rngs
+        if m is not None:
+            trainable = shard(trainable, m)
+            rngs = place(rngs, replicated(m))
+        state = init_opt_state(tx, trainable, sharding=m)
+        step = make_train_step(parts.graphdef, tx, opt_state=state, trainable=trainable, rngs=rngs)
+        losses = []
+        for i in range(3):
+            ids = np.random.default_rng(i).integers(3, 250, (1, 8, 16)).astype(np.int32)
+            ids[0, :, 3] = 7  # a repeated token: larger activations, some above the outlier threshold
+            batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
+            if m is None:
+                trainable, rngs, state, met = step(trainable, rngs, parts.frozen, state, batch)
+            else:
+                batch = {k: put_batch(v, batch_sharding(m)) for k, v in batch.items()}
+                with jax.set_mesh(m):
+                    trainable, rngs, state, met = step(trainable, rngs, parts.frozen, state, batch)
+            losses.append(float(met["loss"]))
+        out[name] = losses
+    json.dump(out, open(sys.argv[1] + "/out.json", "w"))
+''')
+
+
+def test_int8_base_on_a_mesh(tmp_path):
+    """An LLM.int8() base over a data=2 x fsdp=2 x tensor=2 mesh: codes and row scales split along
+    output features (tensor x fsdp), row bands quantized apart equal the whole tensor's codes, and
+    three LoRA steps give the single-device losses."""
+    import numpy as np
+
+    script = tmp_path / "int8.py"
+    script.write_text(INT8)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=900)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["bands_equal"]
+    assert out["specs"] == ["PartitionSpec(None, ('tensor', 'fsdp'))", "PartitionSpec(None, ('tensor', 'fsdp'))"]
+    assert out["bands_spec"] == ["PartitionSpec(('tensor', 'fsdp'),)", "PartitionSpec(('tensor', 'fsdp'),)"]
+    assert out["codes_per_device"] == 1 / 4
+    np.testing.assert_allclose(out["mesh"], out["single"], rtol=1e-5)

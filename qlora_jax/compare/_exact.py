@@ -167,7 +167,8 @@ def _compare_int8(model, bnb_base) -> dict:
         if key not in theirs or key not in ours:
             mismatches[key] = "quantized by one stack only"
         elif not np.array_equal(np.asarray(ours[key].codes), np.asarray(theirs[key].codes)):
-            mismatches[key] = f"{int((np.asarray(ours[key].codes) != np.asarray(theirs[key].codes)).sum())} codes differ"
+            differ = int((np.asarray(ours[key].codes) != np.asarray(theirs[key].codes)).sum())
+            mismatches[key] = f"{differ} codes differ"
         elif not np.array_equal(np.asarray(ours[key].scales), np.asarray(theirs[key].scales)):
             mismatches[key] = "row scales differ"
     tensors = len(set(ours) | set(theirs))

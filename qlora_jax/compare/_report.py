@@ -71,8 +71,8 @@ def markdown(report: dict, plots: list[str]) -> str:
              f"{env['date']} on {env['cpu']} ({env['cores']} cores), {env['platform']}; devices: "
              f"{env.get('device')}.  ",
              f"Command: `{env['command']}`", "",
-             f"Job: {'LLM.int8() (load_in_8bit, threshold 6.0)' if cfg.get('load_in_8bit') else 'NF4 + double quantization'}"
-             f", compute dtype {cfg['dtype']}, LoRA r={cfg['r']} alpha="
+             f"Job: {'LLM.int8() (load_in_8bit, threshold 6.0)' if cfg.get('load_in_8bit') else 'NF4 + double quant'}"
+             f"{'' if cfg.get('load_in_8bit') else 'ization'}, compute dtype {cfg['dtype']}, LoRA r={cfg['r']} alpha="
              f"{cfg['lora_alpha']} dropout 0 on all linear layers, AdamW lr {cfg['learning_rate']} (0.9, 0.999, "
              f"1e-8, no decay, no clipping, constant), batch {cfg['batch']} x seq {cfg['seq']}, {cfg['steps']} "
              f"steps, gradient checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'}; generation: greedy, "

@@ -39,8 +39,9 @@ def build_optimizer(tx: optax.GradientTransformation, params) -> optax.GradientT
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, all) parameters as PEFT counts them: a 4-bit weight counts its logical size
-    (PEFT doubles the numel of the packed uint8 storage), an 8-bit one its int8 codes; scales, absmax and other quantization
-    statistics are not parameters; non-parameter variables (masks, RNG state) do not count."""
+    (PEFT doubles the numel of the packed uint8 storage), an 8-bit one its int8 codes; scales,
+    absmax and other quantization statistics are not parameters; non-parameter variables (masks,
+    RNG state) do not count."""
     flat = nnx.to_flat_state(nnx.state(model))
     # a stacked adapter whose rules select some layers only counts those layers, as PEFT has them
     masks = {path[:-1]: var.get_value() for path, var in flat if isinstance(var, LoraLayerMask)}

@@ -15,5 +15,6 @@ from ._saving import save_quantized
 from ._tiny import write_tiny_checkpoint, write_tiny_llama, write_tiny_tokenizer
 
 __all__ = ["abstract_model", "CausalLM", "DecoderConfig", "attention_bias", "from_pretrained", "position_ids_from_mask", "SUPPORTED_MODEL_TYPES", "apply_rope", "iter_tensors", "resolve_checkpoint",
-           "rope_cos_sin", "rope_inv_freq", "save_quantized", "tensor_specs", "write_tiny_checkpoint", "write_tiny_llama",
+           "rope_cos_sin", "rope_inv_freq", "save_quantized", "tensor_specs", "write_tiny_checkpoint",
+           "write_tiny_llama",
            "write_tiny_tokenizer"]

@@ -59,7 +59,8 @@ class QuantConfig:
         if self.load_in_8bit:
             object.__setattr__(self, "quant_type", "int8")
         else:
-            check_quant_args(self.quant_type, self.blocksize, self.double_quant_blocksize if self.double_quant else None)
+            nested = self.double_quant_blocksize if self.double_quant else None
+            check_quant_args(self.quant_type, self.blocksize, nested)
         if str(self.compute_dtype) not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not supported; expected one of {COMPUTE_DTYPES}")
         if self.kernel not in KERNELS:

@@ -235,6 +235,7 @@ def from_bnb_int8_state(codes, scb, weight_format=None, *, dtype="float16",
     if codes.dtype != np.int8 or codes.ndim != 2:
         raise ValueError(f"8-bit weight is {codes.dtype}{list(codes.shape)}; expected int8 [out, in]")
     q = Int8Array(jnp.asarray(codes), jnp.asarray(scb.astype(np.float32) if scb.dtype != np.float32 else scb),
-                  logical_shape=tuple(codes.shape), dtype=_check_float_dtype(dtype), threshold=check_threshold(threshold))
+                  logical_shape=tuple(codes.shape), dtype=_check_float_dtype(dtype),
+                  threshold=check_threshold(threshold))
     validate_int8(q)
     return q
