@@ -239,3 +239,21 @@ def test_outlier_product_gathered_or_masked(monkeypatch, outlier_columns):
     q = qlora_jax.quantize(jnp.asarray(w.numpy()), quant_type="int8")
     y = jax.jit(lambda a, w: qmatmul(a, w))(to_jax(x), q)
     np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), ref)
+
+
+def test_vjp_in_bands_of_rows(monkeypatch):
+    """The int8 input gradient a band of rows at a time (band size lowered so a small weight takes
+    that path) equals MatMul8bitLt's backward to fp32 summation order."""
+    from qlora_jax.ops import _chunked
+
+    monkeypatch.setattr(_chunked, "BAND_ELEMENTS", 40 * 96 // 4)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 96, generator=g) * 0.1
+    lin = _linear8bit(w, 6.0)
+    x = _inputs(6, 96, "float32", seed=6).requires_grad_(True)
+    dy = torch.randn(2, 6, 40, generator=g)
+    lin(x).backward(dy)
+    q = qlora_jax.quantize(jnp.asarray(w.numpy()), quant_type="int8")
+    _, vjp = jax.vjp(lambda a: qmatmul(a, q), to_jax(x.detach()))
+    np.testing.assert_allclose(np.asarray(vjp(to_jax(dy))[0]), x.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert "scan" in str(jax.make_jaxpr(lambda a: vjp(a))(to_jax(dy)))

@@ -68,3 +68,20 @@ def test_errors():
     stacked = qlora_jax.quantize(jnp.ones((2, 96, 160)), batch_dims=1)
     with pytest.raises(ValueError, match="unstacked"):
         qmatmul(x, stacked)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_vjp_in_bands_of_rows(monkeypatch, quant_type):
+    """Large weights' input gradient is taken a band of rows at a time (ops._chunked; here with the
+    band size lowered so that a small weight takes that path): the same dx to fp32 summation order."""
+    from qlora_jax.ops import _chunked
+
+    monkeypatch.setattr(_chunked, "BAND_ELEMENTS", 96 * 160 // 6)
+    assert _chunked.band_rows(96, 160, 64) == 16
+    x, q = _case(jnp.float32, quant_type)
+    dy = jax.random.normal(jax.random.key(3), (2, 5, 96), jnp.float32)
+    _, vjp = jax.vjp(lambda a: qmatmul(a, q, backend="xla"), x)
+    _, vjp_ref = jax.vjp(lambda a: _reference(a, q), x)
+    np.testing.assert_allclose(np.asarray(vjp(dy)[0]), np.asarray(vjp_ref(dy)[0]), rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda a: vjp(a))(dy))
+    assert "scan" in jaxpr or "while" in jaxpr  # the band loop ran

@@ -14,7 +14,8 @@ Forward (bitsandbytes' CUDA semantics, also its CPU eval-mode path), x as [M, K]
 ``threshold == 0``: steps 1 and 4 drop out (no decomposition).
 
 Backward: dx = dy @ (CB * (SCB / 127)) in x's dtype with fp32 accumulation (MatMul8bitLt's
-gradient for the input); no gradient for the frozen weight.
+gradient for the input; large weights a band of rows at a time, ``ops._chunked``); no gradient for
+the frozen weight.
 
 On a GPU the int8 product is an s8 x s8 -> s32 dot, which XLA's GPU compiler hands to cuBLASLt's
 int8 tensor-core GEMM; on CPU XLA runs it through its own integer dot.
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..quant._int8 import INV_127, MM_DEQUANT, Int8Array, backward_weight, round_codes
+from ._chunked import band_rows, input_grad
 
 
 def _dot_t(x, w, preferred):
@@ -118,10 +120,15 @@ def _fwd(x2, w, threshold):
 
 def _bwd(threshold, w, dy):
     m = dy.shape[0]
-    rows = jnp.pad(dy, ((0, 1), (0, 0))) if m == 1 else dy  # as the forward: no matrix-vector product
-    dx = jax.lax.dot_general(rows, backward_weight(w, dy.dtype), (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    return dx[:m].astype(dy.dtype), None  # None: a symbolic zero for the frozen weight
+    padded = jnp.pad(dy, ((0, 1), (0, 0))) if m == 1 else dy  # as the forward: no matrix-vector product
+    n, k = w.logical_shape
+
+    def band(r0, r):  # MatMul8bitLt's backward weight, a band of rows (large weights: ops._chunked)
+        codes = jax.lax.dynamic_slice_in_dim(w.codes, r0, r, 0)
+        return backward_weight(codes, jax.lax.dynamic_slice_in_dim(w.scales, r0, r, 0), dy.dtype)
+
+    dx = input_grad(padded, n, k, band_rows(n, k), band)
+    return dx[:m], None  # None: a symbolic zero for the frozen weight
 
 
 int8_matmul.defvjp(_fwd, _bwd)

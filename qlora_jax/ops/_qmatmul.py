@@ -20,8 +20,9 @@ Under a mesh in context (``jax.set_mesh``) the kernel backends run in a ``shard_
 batch axes (data, fsdp): each device multiplies its rows of x by the whole (gathered) weight, as
 XLA's partitioner cannot split the kernels' custom calls.
 
-Gradients: with respect to ``x`` only (dx = dy @ dequant(W)); the frozen quantized weight gets a
-symbolic zero, so no gradient buffer of its size is ever made.
+Gradients: with respect to ``x`` only (dx = dy @ dequant(W), large weights a band of rows at a time:
+``ops._chunked``); the frozen quantized weight gets a symbolic zero, so no gradient buffer of its
+size is ever made.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 
 from ..quant import Int8Array, QuantizedArray, dequantize
 from ..quant._int8 import check_threshold
+from ._chunked import band_rows, input_grad
 
 BACKENDS = ("auto", "pallas", "triton", "cpu", "xla")
 
@@ -55,9 +57,23 @@ def _fwd(x, w):
 
 
 def _bwd(w, dy):
-    w_hat = dequantize(w, dy.dtype)
-    dx = jax.lax.dot_general(dy, w_hat, (((dy.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dx.astype(dy.dtype), None  # None: a symbolic zero for the frozen weight
+    """dx = dy @ dequant(W), large weights a band of rows at a time (``ops._chunked``)."""
+    from ..quant import _core
+    from ..quant._array import dequantize_absmax
+
+    n, k = w.logical_shape
+    rows = band_rows(n, k, w.blocksize)
+    if rows >= n:
+        return input_grad(dy, n, k, n, lambda r0, r: dequantize(w, dy.dtype)), None  # None: no weight gradient
+    absmax = dequantize_absmax(w)
+
+    def band(r0, r):
+        codes = jax.lax.dynamic_slice_in_dim(w.codes, r0 * k // 2, r * k // 2)
+        scales = jax.lax.dynamic_slice_in_dim(absmax, r0 * k // w.blocksize, r * k // w.blocksize)
+        flat = _core.dequantize_4bit_flat(codes, scales, r * k, w.quant_type, w.blocksize)
+        return flat.reshape(r, k).astype(dy.dtype)
+
+    return input_grad(dy, n, k, rows, band), None
 
 
 _qmatmul_xla.defvjp(_fwd, _bwd)

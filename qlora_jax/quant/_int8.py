@@ -195,10 +195,11 @@ def _dequantize_int8_jit(codes, scales, out_dtype):
     return ((codes.astype(jnp.float32) * scales[..., None]) * INV_127).astype(out_dtype)
 
 
-def backward_weight(q: Int8Array, dtype) -> jax.Array:
-    """The weight MatMul8bitLt's backward multiplies by: ``CB.to(dtype) * (SCB * (1/127))``, rounded
-    to ``dtype`` (for a float32 ``dtype`` one ulp from ``dequantize_int8`` at most)."""
-    return (q.codes.astype(jnp.float32) * (q.scales * INV_127)[..., None]).astype(dtype)
+def backward_weight(codes, scales, dtype) -> jax.Array:
+    """The weight MatMul8bitLt's backward multiplies by, for int8 ``codes`` [rows, in] and their
+    fp32 ``scales`` [rows]: ``CB.to(dtype) * (SCB * (1/127))``, rounded to ``dtype`` (for float32
+    one ulp from ``dequantize_int8`` at most)."""
+    return (codes.astype(jnp.float32) * (scales * INV_127)[..., None]).astype(dtype)
 
 
 # --- transformers' serialized 8-bit state -------------------------------------------------------
