@@ -11,5 +11,5 @@ setup(
     packages=find_packages(include=["qlora_jax", "qlora_jax.*"]) + kernel_packages,
     package_dir={p: p.replace("qlora_jax.kernels", "kernels", 1).replace(".", "/") for p in kernel_packages},
     # the native CPU kernel's source, compiled on first use (qlora_jax.kernels.cpu_nf4)
-    package_data={"qlora_jax.kernels": ["cpu/*.cc"]},
+    package_data={"qlora_jax.kernels": ["cpu/*.cc", "cpu/*.h"]},
 )

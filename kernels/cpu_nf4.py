@@ -1,10 +1,16 @@
-"""The native CPU kernel of the quantized linear (``qmatmul(..., backend="cpu")``): a C++ NF4/FP4
-matrix-vector product (``cpu/nf4_gemv.cc``) registered with XLA as an FFI custom call.
+"""The native CPU kernels of the quantized linear (``qmatmul(..., backend="cpu")``), C++ registered
+with XLA as FFI custom calls:
 
-XLA on CPU has no fused 4-bit matmul: decoding one token through the XLA path dequantizes every
-weight to the compute dtype first (a full write and read of a bf16 copy). This kernel reads the
-packed codes once (an AVX-512 permute looks up 16 codes at a time), scales and rounds them exactly
-as ``dequantize(w, x.dtype)`` does, and multiplies with fp32 accumulation, on XLA's CPU threads.
+- ``cpu_gemv`` (``cpu/nf4_gemv.cc``): an NF4/FP4 matrix-vector product for up to ``MAX_M`` rows
+  (decode, short prefills), float32 or bfloat16;
+- ``cpu_gemm`` (``cpu/nf4_gemm.cc``): training-sized products in bfloat16, forward (x @ W^T) and
+  backward (dy @ W), with AVX-512 BF16 dot products (``gemm_available()``).
+
+XLA on CPU has no fused 4-bit matmul: the XLA path dequantizes every weight to the compute dtype
+first (a full write and read of a bf16 copy, on every forward and backward). These kernels read the
+packed codes (an AVX-512 permute looks up 16 codes at a time), scale and round them exactly as
+``dequantize(w, x.dtype)`` does, and multiply with fp32 accumulation, on XLA's CPU threads: results
+differ from the XLA path in fp32 summation order only.
 
 It is compiled on first use on the machine that runs it (``g++ -O3 -march=native``, about
 three seconds, cached under ``$QLORA_JAX_CACHE/kernels`` or ``~/.cache/qlora_jax/kernels`` by a
@@ -30,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("cpu") / "nf4_gemv.cc"
+SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("nf4_gemv.cc", "nf4_gemm.cc"))
+HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
+GEMM_TARGET = "qlora_jax_nf4_gemm"
 MAX_M = 64  # rows of x the kernel takes (decode, short prefills); more go through the XLA path
 _STATE: dict = {}
 
@@ -56,8 +64,8 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler (g++/c++ or $CXX) on PATH")
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_signature().encode()
-                         + jax.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + version.encode()
+                         + _cpu_signature().encode() + jax.__version__.encode()).hexdigest()[:16]
     out = _cache_root() / key / "libqlora_nf4_gemv.so"
     if out.exists():
         return out
@@ -65,7 +73,7 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: never half a library
         lib = Path(tmp) / out.name
         cmd = [cxx, "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
-               "-w", f"-I{include}", str(SOURCE), "-o", str(lib)]
+               "-w", f"-I{include}", *map(str, SOURCES), "-o", str(lib)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-600:]}")
@@ -76,13 +84,16 @@ def _build() -> Path:
 def _load() -> bool:
     if "ok" in _STATE:
         return _STATE["ok"]
-    _STATE["ok"], _STATE["reason"] = False, None
+    _STATE["ok"], _STATE["reason"], _STATE["gemm"] = False, None, False
     if os.environ.get("QLORA_JAX_CPU_KERNEL") == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemv), platform="cpu")
+        if lib.QloraNf4GemmSupported():  # built with AVX-512 BF16 (the CPU has it)
+            jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemm), platform="cpu")
+            _STATE["gemm"] = True
     except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
         _STATE["reason"] = f"{type(e).__name__}: {e}"
         return False
@@ -98,6 +109,18 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     _load()
     return _STATE["reason"]
+
+
+def gemm_available() -> bool:
+    """Whether the training-sized kernel is built (it needs a CPU with AVX-512 BF16)."""
+    return _load() and _STATE["gemm"]
+
+
+def gemm_supported(n: int, k: int, blocksize: int, dtype, *, transpose: bool) -> bool:
+    """Weights [n, k] and dtypes ``cpu_gemm`` takes: bfloat16, K and blocksize multiples of 32 (each
+    32-element group of a row in one block) and, for the backward, an even N."""
+    return (jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and k % 32 == 0 and blocksize % 32 == 0
+            and (n % 2 == 0 or not transpose))
 
 
 def supported(m: int, dtype) -> bool:
@@ -116,12 +139,38 @@ def cpu_gemv(x2, codes, absmax, table, *, n: int, blocksize: int):
                 blocksize=np.int64(blocksize))
 
 
-def reference_cpu_gemv(x2, codes, absmax, table, *, n: int, blocksize: int):
-    """The pure-jnp twin: dequantize to x2's dtype, one dot with fp32 accumulation."""
-    k = x2.shape[1]
+@functools.partial(jax.jit, static_argnames=("n", "k", "blocksize", "transpose"))
+def cpu_gemm(x2, codes, absmax, table, *, n: int, k: int, blocksize: int, transpose: bool = False):
+    """bfloat16 products with W [n, k] given by its packed ``codes``, fp32 first-level ``absmax`` and
+    code ``table``: ``x2 [M, k] @ W^T -> [M, n]``, or with ``transpose`` ``x2 [M, n] @ W -> [M, k]``
+    (the input gradient)."""
+    if not gemm_available():
+        raise RuntimeError(f"the CPU GEMM kernel is not available: {_STATE['reason'] or 'no AVX-512 BF16'}")
+    if not gemm_supported(n, k, blocksize, x2.dtype, transpose=transpose) or x2.shape[1] != (n if transpose else k):
+        raise ValueError(f"cpu_gemm takes bfloat16 [M, {n if transpose else k}] inputs for an [{n}, {k}] weight with "
+                         f"K and blocksize multiples of 32; got {x2.dtype} {x2.shape}, blocksize {blocksize}")
+    call = jax.ffi.ffi_call(GEMM_TARGET, jax.ShapeDtypeStruct((x2.shape[0], k if transpose else n), x2.dtype),
+                            vmap_method="sequential")
+    return call(x2, codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table.astype(jnp.float32),
+                blocksize=np.int64(blocksize), transpose=transpose)
+
+
+def reference_cpu_gemm(x2, codes, absmax, table, *, n: int, k: int, blocksize: int, transpose: bool = False):
+    """The pure-jnp twin of ``cpu_gemm``: dequantize to bf16, one dot with fp32 accumulation."""
+    w = _reference_weight(codes, absmax, table, n, k, blocksize, x2.dtype)
+    dims = (((1,), (0,)), ((), ())) if transpose else (((1,), (1,)), ((), ()))
+    return jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
+def _reference_weight(codes, absmax, table, n, k, blocksize, dtype):
     flat = codes.reshape(-1)
     nibbles = jnp.stack([flat >> 4, flat & 0xF], axis=-1).reshape(-1)[: n * k].astype(jnp.int32)
     scale = jnp.repeat(absmax.reshape(-1), blocksize)[: n * k]
-    w = (jnp.asarray(table, jnp.float32)[nibbles] * scale).astype(x2.dtype).reshape(n, k)
+    return (jnp.asarray(table, jnp.float32)[nibbles] * scale).astype(dtype).reshape(n, k)
+
+
+def reference_cpu_gemv(x2, codes, absmax, table, *, n: int, blocksize: int):
+    """The pure-jnp twin: dequantize to x2's dtype, one dot with fp32 accumulation."""
+    w = _reference_weight(codes, absmax, table, n, x2.shape[1], blocksize, x2.dtype)
     y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(x2.dtype)

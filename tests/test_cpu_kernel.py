@@ -43,26 +43,91 @@ def test_kernel_matches_its_twin_and_the_xla_path(n, k, m, dtype, quant_type, bl
     twin = cpu_nf4.reference_cpu_gemv(*args, n=n, blocksize=blocksize)
     xla = qmatmul(x, q, backend="xla")
     assert ours.dtype == x.dtype and ours.shape == (m, n)
+    for ref in (twin, xla):
+        _close(ours, ref, dtype)
+
+
+def _close(ours, ref, dtype):
     # the same products, summed in another order; bf16 results may then round one ulp apart
     tol = 1e-5 if dtype == "float32" else 2 ** -8
-    for ref in (twin, xla):
-        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol,
-                                   atol=tol * float(jnp.abs(ref.astype(jnp.float32)).max()))
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol,
+                               atol=tol * float(jnp.abs(ref.astype(jnp.float32)).max()))
+
+
+def _has_avx512_bf16() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return "avx512_bf16" in f.read()
+
+
+def test_gemm_is_built_where_the_cpu_has_avx512_bf16():
+    assert cpu_nf4.gemm_available() == _has_avx512_bf16()
 
 
 def test_qmatmul_dispatch_and_gradient():
     x, q = _case(96, 128, 16, "bfloat16")
-    big = jnp.tile(x, (5, 1))  # 80 rows: the XLA path
+    big = jnp.tile(x, (5, 1))  # 80 rows: the GEMM kernel in bf16 (where built), the XLA path in fp32
     hlo_small = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(x).as_text()
     hlo_big = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big).as_text()
+    hlo_big32 = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big.astype(jnp.float32)).as_text()
     assert cpu_nf4.TARGET in hlo_small and cpu_nf4.TARGET not in hlo_big
+    assert (cpu_nf4.GEMM_TARGET in hlo_big) == cpu_nf4.gemm_available() and cpu_nf4.GEMM_TARGET not in hlo_small
+    assert cpu_nf4.TARGET not in hlo_big32 and cpu_nf4.GEMM_TARGET not in hlo_big32
     assert cpu_nf4.TARGET in jax.jit(lambda a: qmatmul(a, q)).lower(x[:1]).as_text()  # auto on CPU
-    assert cpu_nf4.TARGET not in jax.jit(lambda a: qmatmul(a, q)).lower(x.astype(jnp.float16)).as_text()
-    # dx through the XLA path's VJP
-    dy = jax.random.normal(jax.random.key(3), (16, 96)).astype(jnp.bfloat16)
-    gx = jax.grad(lambda a: jnp.sum(qmatmul(a, q, backend="cpu").astype(jnp.float32) * dy))(x)
-    rx = jax.grad(lambda a: jnp.sum(qmatmul(a, q, backend="xla").astype(jnp.float32) * dy))(x)
-    np.testing.assert_array_equal(np.asarray(gx, np.float32), np.asarray(rx, np.float32))
+    hlo16 = jax.jit(lambda a: qmatmul(a, q)).lower(big.astype(jnp.float16)).as_text()
+    assert cpu_nf4.TARGET not in hlo16 and cpu_nf4.GEMM_TARGET not in hlo16
+    _close(qmatmul(big, q, backend="cpu"), qmatmul(big, q, backend="xla"), "bfloat16")
+    # dx through the GEMM kernel (bf16, where built), else the XLA path's VJP
+    dy = jax.random.normal(jax.random.key(3), (80, 96)).astype(jnp.bfloat16)
+
+    def grad(backend):
+        return jax.grad(lambda a: jnp.sum(qmatmul(a, q, backend=backend).astype(jnp.float32) * dy))
+
+    assert (cpu_nf4.GEMM_TARGET in jax.jit(grad("cpu")).lower(big).as_text()) == cpu_nf4.gemm_available()
+    _close(grad("cpu")(big), grad("xla")(big), "bfloat16")
+    # K not a multiple of 32: the GEMV kernel's element path for few rows, the XLA path for many
+    x70, q70 = _case(48, 70, 80, "bfloat16")
+    hlo70 = jax.jit(lambda a: qmatmul(a, q70, backend="cpu")).lower(x70).as_text()
+    assert cpu_nf4.GEMM_TARGET not in hlo70 and cpu_nf4.TARGET not in hlo70
+    np.testing.assert_array_equal(np.asarray(qmatmul(x70, q70, backend="cpu"), np.float32),
+                                  np.asarray(qmatmul(x70, q70, backend="xla"), np.float32))
+
+
+# (n, k, m, quant_type, blocksize, double_quant): N with a tail past the 32-column panels (300, 40),
+# M not a multiple of the 12-row tile, K = 1376 (blocks spanning rows), blocksizes 32 / 64 / 128
+GEMM_CASES = [(64, 128, 80, "nf4", 64, True), (300, 96, 97, "nf4", 64, True), (512, 1376, 130, "nf4", 64, True),
+              (40, 64, 5, "fp4", 32, False), (128, 256, 200, "fp4", 128, True), (1376, 512, 66, "nf4", 64, False)]
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("n,k,m,quant_type,blocksize,double_quant", GEMM_CASES)
+def test_gemm_matches_its_twin_and_the_xla_path(n, k, m, quant_type, blocksize, double_quant, transpose):
+    x, q = _case(n, k, m, "bfloat16", quant_type, blocksize, double_quant)
+    if transpose:
+        x = jax.random.normal(jax.random.key(7), (m, n), jnp.float32).astype(jnp.bfloat16)
+    args = (x, q.codes, dequantize_absmax(q), jnp.asarray(CODE_TABLES[quant_type]))
+    kw = dict(n=n, k=k, blocksize=blocksize, transpose=transpose)
+    if not cpu_nf4.gemm_available():  # a CPU without AVX-512 BF16: a clear refusal (qmatmul takes XLA)
+        with pytest.raises(RuntimeError, match="GEMM kernel is not available"):
+            cpu_nf4.cpu_gemm(*args, **kw)
+        return
+    ours = cpu_nf4.cpu_gemm(*args, **kw)
+    twin = cpu_nf4.reference_cpu_gemm(*args, **kw)
+    w = qlora_jax.dequantize(q, jnp.bfloat16)
+    xla = (jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+           if transpose else qmatmul(x, q, backend="xla"))
+    assert ours.dtype == x.dtype and ours.shape == (m, k if transpose else n)
+    for ref in (twin, xla):
+        _close(ours, ref, "bfloat16")
+
+
+def test_gemm_refuses_what_it_does_not_take():
+    x, q = _case(64, 96, 80, "bfloat16")
+    args = (q.codes, dequantize_absmax(q), jnp.asarray(CODE_TABLES["nf4"]))
+    if cpu_nf4.gemm_available():
+        with pytest.raises(ValueError, match="float32"):
+            cpu_nf4.cpu_gemm(x.astype(jnp.float32), *args, n=64, k=96, blocksize=64)
+        with pytest.raises(ValueError, match=r"got bfloat16 \(80, 96\)"):
+            cpu_nf4.cpu_gemm(x, *args, n=64, k=96, blocksize=64, transpose=True)  # dy must be [M, n]
 
 
 def test_turned_off_or_unbuildable_falls_back(monkeypatch):

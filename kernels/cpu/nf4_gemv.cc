@@ -14,11 +14,9 @@
 #include <cstring>
 #include <vector>
 #include <algorithm>
-#include <atomic>
-#include <memory>
-#include <thread>
 
 #include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -29,22 +27,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-inline float bf16_bits_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16_bits(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float round_bf16(float f) { return bf16_bits_to_f32(f32_to_bf16_bits(f)); }
+using qlora_cpu::bf16_bits_to_f32;
+using qlora_cpu::f32_to_bf16_bits;
+using qlora_cpu::round_bf16;
 
 // One weight element, as dequantize(w, dtype) makes it: fp32 product, then rounded to dtype.
 inline float weight(const uint8_t* codes, const float* absmax, const float* table, int64_t flat,
@@ -182,25 +167,11 @@ ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
 #endif
     rows_scalar(xf.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
   };
-  // Row ranges ("parts") for the pool's threads: every thread, this one included, claims parts until
-  // none are left, so a part never waits for a busy pool (two kernels running side by side on a
-  // two-thread pool each finish their own parts). A task that starts after the last part was
-  // claimed touches only the shared counters, which it co-owns. Small weights run here alone.
+  // Row ranges ("parts") for the pool's threads; small weights run here alone.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n * k / (1 << 16)));
   const int64_t per = (n + parts - 1) / parts;
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto claim = [counters, parts, per, n, &rows] {
-    for (int64_t p; (p = counters->next.fetch_add(1)) < parts;) {
-      rows(p * per, std::min(n, (p + 1) * per));
-      counters->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t p = 1; p < parts; ++p) pool.Schedule([claim] { claim(); });
-  claim();
-  while (counters->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+  auto part = [&](int64_t p) { rows(p * per, std::min(n, (p + 1) * per)); };
+  qlora_cpu::parallel_parts(pool, parts, part);
   if (bf16) {
     uint16_t* yb = reinterpret_cast<uint16_t*>(y->untyped_data());
     for (int64_t i = 0; i < m * n; ++i) yb[i] = f32_to_bf16_bits(acc[i]);

@@ -10,10 +10,12 @@ XLA on every platform; ``backend`` does not apply). A 4-bit ``QuantizedArray``:
   the blocksize and of 64 take the XLA path;
 - ``triton``: the forward through the plain Triton kernel (``qlora_jax.kernels.triton_nf4``) via
   jax-triton, GPU only, to compare the two lowering paths; dx through the Pallas dx kernel;
-- ``cpu``: the native CPU kernel (``qlora_jax.kernels.cpu_nf4``, C++ through XLA FFI, built on
-  first use) for up to 64 rows of x (decode, short prefills), reading the packed codes without
-  writing a dequantized weight; more rows, float16, a mesh in context, another platform, or a
-  machine where it cannot be built: the XLA path. dx through the XLA path;
+- ``cpu``: the native CPU kernels (``qlora_jax.kernels.cpu_nf4``, C++ through XLA FFI, built on
+  first use), reading the packed codes without writing a dequantized weight: a GEMV for up to 64
+  rows of x (decode, short prefills; float32 or bfloat16), a GEMM with AVX-512 BF16 dot products
+  for more rows of bfloat16 and for dx (the CPU must have AVX-512 BF16; K and the blocksize
+  multiples of 32). Anything they do not take (float16, more rows of float32, a mesh in context,
+  another platform, a machine where they cannot be built): the XLA path;
 - ``auto``: pallas on GPU, cpu on CPU, the XLA path elsewhere.
 
 Under a mesh in context (``jax.set_mesh``) the kernel backends run in a ``shard_map`` over the
@@ -195,25 +197,48 @@ def _qmatmul_triton(x2, w: QuantizedArray, interpret: bool):
 _qmatmul_triton.defvjp(lambda x2, w, interpret: (_qmatmul_triton(x2, w, interpret), w), _pallas_bwd)
 
 
-@jax.custom_vjp
-def _qmatmul_cpu(x2, w: QuantizedArray):
-    from ..kernels import cpu_nf4
+def _cpu_operands(w: QuantizedArray):
+    """The CPU kernels' view of a weight: packed codes, fp32 first-level absmax (XLA undoes the
+    double quantization: 1/blocksize of the weight's elements) and the code table."""
     from ..quant._array import dequantize_absmax
     from ..quant._tables import CODE_TABLES
 
-    table = jnp.asarray(CODE_TABLES[w.quant_type], jnp.float32)
-    return cpu_nf4.cpu_gemv(x2, w.codes, dequantize_absmax(w), table, n=w.logical_shape[0], blocksize=w.blocksize)
+    return w.codes, dequantize_absmax(w), jnp.asarray(CODE_TABLES[w.quant_type], jnp.float32)
 
 
-_qmatmul_cpu.defvjp(lambda x2, w: (_qmatmul_cpu(x2, w), w), _bwd)
+@jax.custom_vjp
+def _qmatmul_cpu(x2, w: QuantizedArray):
+    from ..kernels import cpu_nf4
+
+    n, k = w.logical_shape
+    if cpu_nf4.supported(x2.shape[0], x2.dtype):  # decode, short prefills: the GEMV kernel
+        return cpu_nf4.cpu_gemv(x2, *_cpu_operands(w), n=n, blocksize=w.blocksize)
+    return cpu_nf4.cpu_gemm(x2, *_cpu_operands(w), n=n, k=k, blocksize=w.blocksize)
+
+
+def _cpu_bwd(w, dy):
+    """dx = dy @ dequant(W) through the GEMM kernel where it takes the weight and dtype, else the XLA path."""
+    from ..kernels import cpu_nf4
+
+    n, k = w.logical_shape
+    if cpu_nf4.gemm_available() and cpu_nf4.gemm_supported(n, k, w.blocksize, dy.dtype, transpose=True):
+        return cpu_nf4.cpu_gemm(dy, *_cpu_operands(w), n=n, k=k, blocksize=w.blocksize, transpose=True), None
+    return _bwd(w, dy)
+
+
+_qmatmul_cpu.defvjp(lambda x2, w: (_qmatmul_cpu(x2, w), w), _cpu_bwd)
 
 
 def _cpu_kernel_takes(x, w: QuantizedArray) -> bool:
+    """Whether a CPU kernel runs this product: the GEMV one for up to ``cpu_nf4.MAX_M`` rows, the
+    GEMM one (AVX-512 BF16) for more rows of bfloat16; not under a mesh."""
     from ..kernels import cpu_nf4
 
-    rows = math.prod(x.shape[:-1])
-    return (jax.default_backend() == "cpu" and cpu_nf4.supported(rows, x.dtype)
-            and jax.sharding.get_abstract_mesh().empty and cpu_nf4.available())
+    if not (jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty and cpu_nf4.available()):
+        return False
+    n, k = w.logical_shape
+    return cpu_nf4.supported(math.prod(x.shape[:-1]), x.dtype) or (
+        cpu_nf4.gemm_available() and cpu_nf4.gemm_supported(n, k, w.blocksize, x.dtype, transpose=False))
 
 
 def resolve_backend(backend: str, w) -> str:

@@ -1,0 +1,217 @@
+// Training-sized products with a 4-bit (NF4/FP4) weight in bitsandbytes' layout, on the CPU, as an
+// XLA FFI custom call (qlora_jax.kernels.cpu_nf4.cpu_gemm), with AVX-512 BF16 dot products:
+//   forward   y  [M, N] = x  [M, K] @ dequantize(W)^T
+//   backward  dx [M, K] = dy [M, N] @ dequantize(W)
+// bf16 operands, fp32 accumulation, the result rounded to bf16: the XLA path's arithmetic
+// (`dequantize(w, bf16)`, then a dot with fp32 accumulation) in another summation order. The
+// dequantized weight is never written whole: each thread decodes a panel of 32 output columns
+// (every K, ~64 bytes a K) into a buffer that stays in its L2 cache, and multiplies every row of
+// the input with it.
+//
+// A panel holds bf16 pairs as `vdpbf16ps` takes them: word (p, j) = the two weights of reduction
+// pair p (elements 2p, 2p+1 of the reduction axis) for output column j, 32 columns wide (two
+// registers of 16 fp32 accumulators). The input's pair (row m, 2p..2p+1) is one 32-bit word of a
+// row-major bf16 array, broadcast to every lane. The forward's columns are W's rows n0..n0+31; the
+// backward's are W's columns k0.. (even ones in the first register, odd ones in the second,
+// interleaved back when the tile is stored).
+//
+// Operands: x [M, R] bf16 (R = K forward, N backward), codes u8 [N*K/2] (two codes a byte, first in
+// the high nibble, row-major over the flattened [N, K] weight), absmax f32 [ceil(N*K/blocksize)]
+// (first-level scales, double quantization undone), table f32 [16]. Result [M, C] bf16 (C = N
+// forward, K backward). Needs K and blocksize multiples of 32 (every 32-element group of a row lies
+// in one block) and, backward, N even. `vdpbf16ps` treats denormal inputs as zero and flushes
+// denormal sums (round to nearest even otherwise).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+#include "common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define QLORA_AVX512_BF16 1
+#endif
+
+namespace ffi = xla::ffi;
+
+extern "C" int QloraNf4GemmSupported() {
+#ifdef QLORA_AVX512_BF16
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+#ifdef QLORA_AVX512_BF16
+namespace {
+
+constexpr int64_t NR = 32;  // panel columns
+constexpr int MR = 12;      // input rows per register tile: 24 accumulators
+
+struct Weight {
+  const uint8_t* codes;
+  const float* absmax;
+  int64_t n, k, blocksize, shift;  // shift: log2(blocksize) when a power of two, else -1
+  float scale(int64_t flat) const { return absmax[shift >= 0 ? (flat >> shift) : flat / blocksize]; }
+};
+
+// bf16 bits (round to nearest even) in the low 16 bits of each lane: the weights are finite.
+inline __m512i bf16_bits(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  return _mm512_srli_epi32(u, 16);
+}
+
+// The 32 weights W[row, c0 .. c0+31] (one block, 16 code bytes) as dequantize(w, bf16) rounds them:
+// even elements (high nibbles) in `even`, odd ones in `odd`, bf16 bits in each lane's low half.
+inline void decode32(const Weight& w, int64_t row, int64_t c0, const __m512& table, __m512i& even, __m512i& odd) {
+  const int64_t flat = row * w.k + c0;
+  const __m512 s = _mm512_set1_ps(w.scale(flat));
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + flat / 2)));
+  even = bf16_bits(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), s));
+  odd = bf16_bits(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)), table), s));
+}
+
+// Forward panel: columns = W's rows n0 .. n0+31 (zeros past N), pairs over K.
+void pack_forward(const Weight& w, int64_t n0, const __m512& table, uint32_t* panel) {
+  const int64_t pairs = w.k / 2, cols = std::min<int64_t>(NR, w.n - n0);
+  if (cols < NR) std::memset(panel, 0, sizeof(uint32_t) * pairs * NR);
+  alignas(64) uint32_t words[16];
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t c0 = 0; c0 < w.k; c0 += 32) {
+      __m512i even, odd;
+      decode32(w, n0 + j, c0, table, even, odd);
+      _mm512_store_si512(words, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+      uint32_t* dst = panel + (c0 / 2) * NR + j;
+      for (int i = 0; i < 16; ++i) dst[i * NR] = words[i];
+    }
+}
+
+// Backward panel: columns = W's columns k0 .. k0+31 (even ones, then odd ones), pairs over N.
+void pack_backward(const Weight& w, int64_t k0, const __m512& table, uint32_t* panel) {
+  for (int64_t q = 0; q < w.n / 2; ++q) {
+    __m512i e0, o0, e1, o1;
+    decode32(w, 2 * q, k0, table, e0, o0);
+    decode32(w, 2 * q + 1, k0, table, e1, o1);
+    _mm512_store_si512(panel + q * NR, _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16)));
+    _mm512_store_si512(panel + q * NR + 16, _mm512_or_si512(o0, _mm512_slli_epi32(o1, 16)));
+  }
+}
+
+inline __m256i round_to_bf16(__m512 v) {  // 16 fp32 -> 16 bf16 (nearest even, NaN kept quiet)
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i bits = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+
+// R rows of x (row stride ldx, bf16) times a panel over `pairs` reduction pairs; the R x 32 tile
+// stored into out (row stride ldo, bf16) at `cols` valid columns. interleave: the backward's
+// column order (even columns in the first accumulator, odd in the second).
+template <int R>
+void tile(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs, uint16_t* out, int64_t ldo,
+          int64_t cols, bool interleave) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int32_t* xw = reinterpret_cast<const int32_t*>(x);
+  const int64_t ldw = ldx / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_load_si512(panel + p * NR));
+    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_load_si512(panel + p * NR + 16));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xw[r * ldw + p]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  for (int r = 0; r < R; ++r) {
+    __m512 v0 = acc[r][0], v1 = acc[r][1];
+    if (interleave) {
+      v0 = _mm512_permutex2var_ps(acc[r][0], lo_idx, acc[r][1]);
+      v1 = _mm512_permutex2var_ps(acc[r][0], hi_idx, acc[r][1]);
+    }
+    _mm256_mask_storeu_epi16(out + r * ldo, m0, round_to_bf16(v0));
+    _mm256_mask_storeu_epi16(out + r * ldo + 16, m1, round_to_bf16(v1));
+  }
+}
+
+template <int R>
+void tiles_from(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs, uint16_t* out, int64_t ldo,
+                int64_t cols, bool interleave, int64_t rows) {
+  if constexpr (R > 0) {
+    if (rows == R) return tile<R>(x, ldx, panel, pairs, out, ldo, cols, interleave);
+    return tiles_from<R - 1>(x, ldx, panel, pairs, out, ldo, cols, interleave, rows);
+  }
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> codes,
+                       ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table, ffi::Result<ffi::Buffer<ffi::BF16>> y,
+                       int64_t blocksize, bool transpose) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0])
+    return ffi::Error::InvalidArgument("nf4_gemm: the input must be [M, R] and the result [M, C]");
+  const int64_t m = xd[0];
+  const int64_t n = transpose ? xd[1] : yd[1], k = transpose ? yd[1] : xd[1];
+  if (table.element_count() != 16) return ffi::Error::InvalidArgument("nf4_gemm: the code table has 16 entries");
+  if (k % 32 != 0 || blocksize % 32 != 0 || (transpose && n % 2 != 0))
+    return ffi::Error::InvalidArgument("nf4_gemm: needs K and blocksize multiples of 32 (and N even backward)");
+  if (static_cast<int64_t>(codes.element_count()) != n * k / 2 ||
+      static_cast<int64_t>(absmax.element_count()) != (n * k + blocksize - 1) / blocksize)
+    return ffi::Error::InvalidArgument("nf4_gemm: codes/absmax do not match the [N, K] weight");
+  const Weight w{codes.typed_data(), absmax.typed_data(), n, k, blocksize,
+                 (blocksize & (blocksize - 1)) == 0 ? __builtin_ctzll(blocksize) : -1};
+  const float* t = table.typed_data();
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.typed_data());
+  uint16_t* yb = reinterpret_cast<uint16_t*>(y->typed_data());
+  const int64_t cols_total = transpose ? k : n, red = transpose ? n : k, pairs = red / 2;
+  const int64_t panels = (cols_total + NR - 1) / NR;
+  const size_t panel_bytes = sizeof(uint32_t) * pairs * NR;
+  auto work = [&](int64_t p) {
+    // one panel of columns: decode it, then every row of x against it
+    thread_local std::unique_ptr<void, FreeDeleter> buffer;
+    thread_local size_t capacity = 0;
+    if (capacity < panel_bytes) {
+      buffer.reset(std::aligned_alloc(64, (panel_bytes + 63) / 64 * 64));
+      capacity = panel_bytes;
+    }
+    uint32_t* panel = static_cast<uint32_t*>(buffer.get());
+    const __m512 tab = _mm512_loadu_ps(t);
+    const int64_t c0 = p * NR, cols = std::min<int64_t>(NR, cols_total - c0);
+    if (transpose) pack_backward(w, c0, tab, panel);
+    else pack_forward(w, c0, tab, panel);
+    for (int64_t r0 = 0; r0 < m; r0 += MR) {
+      const int64_t rows = std::min<int64_t>(MR, m - r0);
+      tiles_from<MR>(xb + r0 * red, red, panel, pairs, yb + r0 * cols_total + c0, cols_total, cols, transpose, rows);
+    }
+  };
+  qlora_cpu::parallel_parts(pool, panels, work);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4Gemm, Nf4GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("blocksize")
+                                  .Attr<bool>("transpose"));
+#endif
