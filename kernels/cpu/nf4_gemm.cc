@@ -110,21 +110,34 @@ inline __m256i round_to_bf16(__m512 v) {  // 16 fp32 -> 16 bf16 (nearest even, N
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
 }
 
-// R rows of x (row stride ldx, bf16) times a panel over `pairs` reduction pairs; the R x 32 tile
-// stored into out (row stride ldo, bf16) at `cols` valid columns. interleave: the backward's
-// column order (even columns in the first accumulator, odd in the second).
+// The input rearranged per tile of MR rows: word (t, p, r) = the pair p of row t*MR + r (zeros past
+// M), so that a tile reads its input as one sequential stream (12 strided rows of x were 12 streams).
+void pack_input(const uint16_t* x, int64_t m, int64_t pairs, int64_t t, uint32_t* xp) {
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(x);
+  uint32_t* dst = xp + t * pairs * MR;
+  const int64_t rows = std::min<int64_t>(MR, m - t * MR);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t* src = xw + (t * MR + r) * pairs;
+    for (int64_t p = 0; p < pairs; ++p) dst[p * MR + r] = src[p];
+  }
+  for (int64_t r = rows; r < MR; ++r)
+    for (int64_t p = 0; p < pairs; ++p) dst[p * MR + r] = 0;
+}
+
+// A tile of packed input (MR words a pair, R of them used) times a panel over `pairs` reduction
+// pairs; the R x 32 result stored into out (row stride ldo, bf16) at `cols` valid columns.
+// interleave: the backward's column order (even columns in the first accumulator, odd in the second).
 template <int R>
-void tile(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs, uint16_t* out, int64_t ldo,
-          int64_t cols, bool interleave) {
+void tile(const uint32_t* xp, const uint32_t* panel, int64_t pairs, uint16_t* out, int64_t ldo, int64_t cols,
+          bool interleave) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const int32_t* xw = reinterpret_cast<const int32_t*>(x);
-  const int64_t ldw = ldx / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_load_si512(panel + p * NR));
     const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_load_si512(panel + p * NR + 16));
+    const uint32_t* a_p = xp + p * MR;
     for (int r = 0; r < R; ++r) {
-      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xw[r * ldw + p]));
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(a_p[r])));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
     }
@@ -145,11 +158,11 @@ void tile(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs, 
 }
 
 template <int R>
-void tiles_from(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs, uint16_t* out, int64_t ldo,
-                int64_t cols, bool interleave, int64_t rows) {
+void tiles_from(const uint32_t* xp, const uint32_t* panel, int64_t pairs, uint16_t* out, int64_t ldo, int64_t cols,
+                bool interleave, int64_t rows) {
   if constexpr (R > 0) {
-    if (rows == R) return tile<R>(x, ldx, panel, pairs, out, ldo, cols, interleave);
-    return tiles_from<R - 1>(x, ldx, panel, pairs, out, ldo, cols, interleave, rows);
+    if (rows == R) return tile<R>(xp, panel, pairs, out, ldo, cols, interleave);
+    return tiles_from<R - 1>(xp, panel, pairs, out, ldo, cols, interleave, rows);
   }
 }
 
@@ -178,10 +191,22 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.typed_data());
   uint16_t* yb = reinterpret_cast<uint16_t*>(y->typed_data());
   const int64_t cols_total = transpose ? k : n, red = transpose ? n : k, pairs = red / 2;
-  const int64_t panels = (cols_total + NR - 1) / NR;
+  const int64_t panels = (cols_total + NR - 1) / NR, tiles = (m + MR - 1) / MR;
+  // the packed input, in this (calling) thread's buffer: kernels running side by side on other
+  // threads have their own
+  thread_local std::unique_ptr<void, FreeDeleter> input_buffer;
+  thread_local size_t input_capacity = 0;
+  const size_t input_bytes = sizeof(uint32_t) * tiles * pairs * MR;
+  if (input_capacity < input_bytes) {
+    input_buffer.reset(std::aligned_alloc(64, (input_bytes + 63) / 64 * 64));
+    input_capacity = input_bytes;
+  }
+  uint32_t* xp = static_cast<uint32_t*>(input_buffer.get());
+  auto pack = [&](int64_t t) { pack_input(xb, m, pairs, t, xp); };
+  qlora_cpu::parallel_parts(pool, tiles, pack);
   const size_t panel_bytes = sizeof(uint32_t) * pairs * NR;
   auto work = [&](int64_t p) {
-    // one panel of columns: decode it, then every row of x against it
+    // one panel of columns: decode it, then every tile of the input against it
     thread_local std::unique_ptr<void, FreeDeleter> buffer;
     thread_local size_t capacity = 0;
     if (capacity < panel_bytes) {
@@ -193,9 +218,10 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     const int64_t c0 = p * NR, cols = std::min<int64_t>(NR, cols_total - c0);
     if (transpose) pack_backward(w, c0, tab, panel);
     else pack_forward(w, c0, tab, panel);
-    for (int64_t r0 = 0; r0 < m; r0 += MR) {
-      const int64_t rows = std::min<int64_t>(MR, m - r0);
-      tiles_from<MR>(xb + r0 * red, red, panel, pairs, yb + r0 * cols_total + c0, cols_total, cols, transpose, rows);
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t rows = std::min<int64_t>(MR, m - i * MR);
+      tiles_from<MR>(xp + i * pairs * MR, panel, pairs, yb + i * MR * cols_total + c0, cols_total, cols, transpose,
+                     rows);
     }
   };
   qlora_cpu::parallel_parts(pool, panels, work);
