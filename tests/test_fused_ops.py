@@ -68,7 +68,8 @@ def test_attention_backward_matches_autodiff(dtype, tol):
     causal = jnp.where(jnp.arange(7)[None, :] <= jnp.arange(7)[:, None], 0.0, jnp.finfo(jnp.float32).min)
     bias = jnp.broadcast_to(causal, (2, 7, 7)).astype(dtype)
     dout = jax.random.normal(k[3], (2, 7, 4, 16)).astype(dtype)
-    ours, vjp = jax.vjp(lambda *a: attend(*a, bias), q, kk, v)
+    # attend takes keys and values head-major [B, K, T, D] (the KV cache's layout)
+    ours, vjp = jax.vjp(lambda q, kk, v: attend(q, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias), q, kk, v)
     ref, ref_vjp = jax.vjp(lambda *a: _naive_attend(*a, bias), q, kk, v)
     np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))  # forward unchanged
     for a, b in zip(vjp(dout), ref_vjp(dout)):

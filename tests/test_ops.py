@@ -85,3 +85,41 @@ def test_vjp_in_bands_of_rows(monkeypatch, quant_type):
     np.testing.assert_allclose(np.asarray(vjp(dy)[0]), np.asarray(vjp_ref(dy)[0]), rtol=1e-5, atol=1e-5)
     jaxpr = str(jax.make_jaxpr(lambda a: vjp(a))(dy))
     assert "scan" in jaxpr or "while" in jaxpr  # the band loop ran
+
+
+def _ynn_fusion_bodies(hlo: str) -> list[str]:
+    import re
+
+    return [hlo[hlo.index("%" + c + " "):].split("\n}\n")[0]
+            for c in re.findall(r"calls=%(\S+?),[^\n]*__ynn_fusion", hlo)]
+
+
+def test_cpu_programs_keep_dots_apart_from_their_neighbours(monkeypatch):
+    """On the CPU the train step and the eval loss compile with YNNPACK taking dots alone
+    (``ops._compile``): with the option, no YNNPACK fusion of the attention's backward holds a
+    reduction or elementwise work (by default some do); it can be turned off."""
+    from qlora_jax.models._layers import attend
+    from qlora_jax.ops import _compile
+
+    _compile.cpu_compiler_options.cache_clear()
+    options = _compile.cpu_compiler_options()
+    assert options == {_compile.YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    q = jnp.ones((1, 64, 4, 16), jnp.bfloat16)
+    kv = jnp.ones((1, 2, 64, 16), jnp.bfloat16)
+    bias = jnp.zeros((1, 64, 64), jnp.bfloat16)
+
+    def backward(q, k, v, dout):
+        return jax.vjp(lambda q, k, v: attend(q, k, v, bias), q, k, v)[1](dout)
+
+    def mixed(compiler_options):
+        hlo = jax.jit(backward, compiler_options=compiler_options).lower(q, kv, kv, q).compile().as_text()
+        bodies = _ynn_fusion_bodies(hlo)
+        assert bodies
+        return sum(any(op in b for op in (" reduce(", " multiply(", " exponential(")) for b in bodies)
+
+    assert mixed(None) > 0 and mixed(options) == 0
+    monkeypatch.setenv("QLORA_JAX_CPU_DOT_FUSION", "default")
+    _compile.cpu_compiler_options.cache_clear()
+    assert _compile.cpu_compiler_options() is None
+    monkeypatch.delenv("QLORA_JAX_CPU_DOT_FUSION")
+    _compile.cpu_compiler_options.cache_clear()

@@ -108,10 +108,10 @@ class CausalLM(nnx.Module):
         return logits
 
     def init_cache(self, batch: int, max_length: int):
-        """Zero key/value buffers for ``forward``: per layer (k, v) [B, T, K, D] (stacked [L, ...]
-        when the layers are scanned)."""
+        """Zero key/value buffers for ``forward``: per layer (k, v) [B, K, T, D] (head-major;
+        stacked [L, ...] when the layers are scanned)."""
         c = self.config
-        shape = (batch, max_length, c.num_key_value_heads, c.head_dim)
+        shape = (batch, c.num_key_value_heads, max_length, c.head_dim)
         if self.scan_layers:
             shape = (c.num_hidden_layers, *shape)
             return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)

@@ -74,7 +74,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxSxE, cos, sin, bias_BxSxT, cache=None, start=0):
         """Without ``cache``: self-attention over the S tokens. With ``cache`` = (k, v) buffers
-        [B, T, K, D]: this chunk's keys and values are written at ``start`` and the queries
+        [B, K, T, D] (head-major): this chunk's keys and values are written at ``start`` and the queries
         attend over the whole buffer; returns (output, new cache)."""
         b, s, _ = x_BxSxE.shape
         q = self.q_proj(x_BxSxE).reshape(b, s, self.num_heads, self.head_dim)
@@ -83,27 +83,40 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major [B, K, S, D], as attend takes them
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=2)
         out = self.o_proj(attend(q, k, v, bias_BxSxT).reshape(b, s, self.num_heads * self.head_dim))
         return out if cache is None else (out, (k, v))
 
 
-def _scores(q5, k, bias, cd):
+# Attention runs head-major: q [B, K, G, S, D] (``attend`` transposes it), k and v [B, K, T, D] (the
+# KV cache's layout: ``Attention`` transposes them after RoPE), so that every product below is a batched matmul over (B, K) whose result comes out
+# with D or T minor. In the sequence-major layout XLA:CPU computed some gradients as [B, K, D, T]
+# and transposed them element by element inside the RoPE backward's fusions (~10% of a small-preset
+# train step).
+_BATCH = ((0, 1), (0, 1))
+
+
+def _mm(a, b, contract_a, contract_b):
+    """Batched (over the leading B, K) product with fp32 accumulation: batch + a's free + b's free dims."""
+    return jax.lax.dot_general(a, b, ((contract_a, contract_b), _BATCH), preferred_element_type=jnp.float32)
+
+
+def _scores(q, k, bias, cd):
     """Pre-softmax scores [B, K, G, S, T] in the compute dtype ``cd``, as eager transformers makes them."""
-    d = q5.shape[-1]
-    scores = jnp.einsum("bskgd,btkd->bkgst", q5, k, preferred_element_type=jnp.float32)
-    scores = scores.astype(cd) * jnp.asarray(d ** -0.5, cd)
+    d = q.shape[-1]
+    scores = _mm(q, k, (4,), (3,)).astype(cd) * jnp.asarray(d ** -0.5, cd)
     return scores + bias[:, None, None].astype(cd)
 
 
-def _attend_fwd(q5, k, v, bias):
-    cd = q5.dtype
-    scores = _scores(q5, k, bias, cd)
+def _attend_fwd(q, k, v, bias):
+    cd = q.dtype
+    scores = _scores(q, k, bias, cd)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cd)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32).astype(cd)
-    return out, (q5, k, v, scores)
+    out = _mm(probs, v, (4,), (2,)).astype(cd)  # [B, K, G, S, D]
+    return out, (q, k, v, scores)
 
 
 def _attend_bwd(res, dout):
@@ -111,37 +124,39 @@ def _attend_bwd(res, dout):
     # of fp32-accumulated products): XLA:CPU's slow path. Here each gradient is rounded to the
     # compute dtype where PyTorch's bf16 autograd rounds it, and every matmul takes compute-dtype
     # operands with fp32 accumulation; in fp32 this is autodiff's arithmetic.
-    q5, k, v, scores = res
-    cd, d = q5.dtype, q5.shape[-1]
+    q, k, v, scores = res
+    cd, d = q.dtype, q.shape[-1]
     f32 = jnp.float32
     p32 = jax.nn.softmax(scores.astype(f32), axis=-1)
     probs = p32.astype(cd)
-    dv = jnp.einsum("bkgst,bskgd->btkd", probs, dout, preferred_element_type=f32).astype(cd)
-    dprobs = jnp.einsum("bskgd,btkd->bkgst", dout, v, preferred_element_type=f32).astype(cd).astype(f32)
+    dv = _mm(probs, dout, (2, 3), (2, 3)).astype(cd)  # [B, K, T, D]
+    dprobs = _mm(dout, v, (4,), (3,)).astype(cd).astype(f32)  # [B, K, G, S, T]
     dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True))).astype(cd)
     dscores = dscores * jnp.asarray(d ** -0.5, cd)
-    dq5 = jnp.einsum("bkgst,btkd->bskgd", dscores, k, preferred_element_type=f32).astype(cd)
-    dk = jnp.einsum("bkgst,bskgd->btkd", dscores, q5, preferred_element_type=f32).astype(cd)
-    return dq5, dk, dv, None
+    dq = _mm(dscores, k, (4,), (2,)).astype(cd)  # [B, K, G, S, D]
+    dk = _mm(dscores, q, (2, 3), (2, 3)).astype(cd)  # [B, K, T, D]
+    return dq, dk, dv, None
 
 
 @jax.custom_vjp
-def _attend(q5, k, v, bias):
-    return _attend_fwd(q5, k, v, bias)[0]
+def _attend(q, k, v, bias):
+    return _attend_fwd(q, k, v, bias)[0]
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)  # the mask (bias) gets no gradient
 
 
-def attend(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, bias_BxSxT):
+def attend(q_BxSxHxD, k_BxKxTxD, v_BxKxTxD, bias_BxSxT):
     """Grouped-query attention, eager transformers' arithmetic: scores in the compute dtype times
-    head_dim**-0.5, plus the additive mask, softmax in fp32 cast back, then the values. The
-    backward is written out (``_attend_bwd``) so its matmuls run on compute-dtype operands."""
+    head_dim**-0.5, plus the additive mask, softmax in fp32 cast back, then the values. Keys and
+    values come head-major (the KV cache's layout). The backward is written out (``_attend_bwd``)
+    so its matmuls run on compute-dtype operands."""
     b, s, h, d = q_BxSxHxD.shape
-    kh = k_BxTxKxD.shape[2]
-    q = q_BxSxHxD.reshape(b, s, kh, h // kh, d)
-    k, v = k_BxTxKxD.astype(q.dtype), v_BxTxKxD.astype(q.dtype)
-    return _attend(q, k, v, jax.lax.stop_gradient(bias_BxSxT)).reshape(b, s, h, d)
+    kh = k_BxKxTxD.shape[1]
+    q = q_BxSxHxD.reshape(b, s, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, S, D]
+    k, v = k_BxKxTxD.astype(q.dtype), v_BxKxTxD.astype(q.dtype)
+    out = _attend(q, k, v, jax.lax.stop_gradient(bias_BxSxT))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 class MLP(nnx.Module):
