@@ -153,6 +153,4 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate
         kw["in_shardings"] = in_shardings
     if out_shardings is not None:
         kw["out_shardings"] = out_shardings
-    from ..ops._compile import cpu_compiler_options
-
-    return jax.jit(fn, donate_argnums=(0, 1, 3) if donate else (), compiler_options=cpu_compiler_options(), **kw)
+    return jax.jit(fn, donate_argnums=(0, 1, 3) if donate else (), **kw)

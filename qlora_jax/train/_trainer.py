@@ -418,18 +418,11 @@ def evaluate_exact_match(model, tokenizer, records, fmt, fields, max_examples: i
     return {"exact_match": float(np.mean(hits)), "num_eval_prompts": len(hits)}
 
 
-def _eval_sums_fn(graphdef, trainable, rngs, frozen, batch):
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(graphdef, trainable, rngs, frozen, batch):
     model = nnx.merge(graphdef, trainable, rngs, frozen)
     model.eval()  # dropout off
     return model.loss_sum(batch["input_ids"], batch["attention_mask"], batch["labels"], IGNORE_INDEX)
-
-
-@functools.cache
-def _eval_program():
-    """The jitted eval loss, built on first use (the compiler options depend on the backend)."""
-    from ..ops._compile import cpu_compiler_options
-
-    return jax.jit(_eval_sums_fn, static_argnums=0, compiler_options=cpu_compiler_options())
 
 
 def evaluate_loss(graphdef, trainable, rngs, frozen, data, *, batch_size: int, max_seq_length: int,
@@ -443,8 +436,8 @@ def evaluate_loss(graphdef, trainable, rngs, frozen, data, *, batch_size: int, m
         replica = jax.tree.leaves(trainable)[0].sharding  # the batch goes where the weights are (all devices)
         if isinstance(replica, jax.sharding.NamedSharding):  # whole on each device of the mesh
             replica = jax.sharding.NamedSharding(replica.mesh, jax.sharding.PartitionSpec())
-        s, n = _eval_program()(graphdef, trainable, rngs, frozen,
-                               {k: jax.device_put(v[0], replica) for k, v in batch.items()})
+        s, n = _eval_sums(graphdef, trainable, rngs, frozen,
+                          {k: jax.device_put(v[0], replica) for k, v in batch.items()})
         total, count = total + float(s), count + int(n)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
