@@ -42,7 +42,7 @@ def main():
         q = qlora_jax.quantize(jax.random.normal(jax.random.key(0), (n, k), jnp.float32))
         ops = (q.codes, dequantize_absmax(q), jnp.asarray(CODE_TABLES["nf4"]))
         w = qlora_jax.dequantize(q, jnp.bfloat16)
-        wt = torch.from_numpy(np.asarray(w.astype(jnp.float32))).to(torch.bfloat16)
+        wt = torch.from_numpy(np.array(w.astype(jnp.float32))).to(torch.bfloat16)
         cells = []
         for transpose in (False, True):
             x = jax.random.normal(jax.random.key(1), (m, n if transpose else k), jnp.float32).astype(jnp.bfloat16)
@@ -51,7 +51,7 @@ def main():
             twin = jax.jit(lambda x, *o, kw=kw: cpu_nf4.reference_cpu_gemm(x, *o, **kw))
             got, want = np.asarray(ours(x, *ops), np.float32), np.asarray(twin(x, *ops), np.float32)
             np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=2 ** -8 * float(np.abs(want).max()))
-            xt = torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(torch.bfloat16)
+            xt = torch.from_numpy(np.array(x.astype(jnp.float32))).to(torch.bfloat16)
             dense = (lambda: xt @ wt) if transpose else (lambda: torch.nn.functional.linear(xt, wt))
             flops = 2 * m * n * k
             times = (median_seconds(lambda: ours(x, *ops).block_until_ready(), a.repeats),
