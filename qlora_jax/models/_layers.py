@@ -131,7 +131,10 @@ def _attend_bwd(res, dout):
     probs = p32.astype(cd)
     dv = _mm(probs, dout, (2, 3), (2, 3)).astype(cd)  # [B, K, T, D]
     dprobs = _mm(dout, v, (4,), (3,)).astype(cd).astype(f32)  # [B, K, G, S, T]
-    dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True))).astype(cd)
+    # the row sums of dprobs * p as a batched dot (over B, K, G, S): XLA:CPU fused a reduction with
+    # its neighbours into a slow YNNPACK kernel
+    rows = jax.lax.dot_general(dprobs, p32, (((4,), (4,)), ((0, 1, 2, 3), (0, 1, 2, 3))))
+    dscores = (p32 * (dprobs - rows[..., None])).astype(cd)
     dscores = dscores * jnp.asarray(d ** -0.5, cd)
     dq = _mm(dscores, k, (4,), (2,)).astype(cd)  # [B, K, G, S, D]
     dk = _mm(dscores, q, (2, 3), (2, 3)).astype(cd)  # [B, K, T, D]
