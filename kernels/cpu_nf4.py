@@ -40,7 +40,7 @@ SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("nf4_gemv.cc
 HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
-MAX_M = 64  # rows of x the kernel takes (decode, short prefills); more go through the XLA path
+MAX_M = 64  # rows of x the GEMV kernel takes (decode, short prefills); more: the GEMM kernel (bf16) or XLA
 _STATE: dict = {}
 
 

@@ -36,7 +36,8 @@ def main():
         raise SystemExit(f"the GEMM kernel is not available here: {cpu_nf4.unavailable_reason() or 'no AVX-512 BF16'}")
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, jax {jax.__version__}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), bfloat16, GFLOP/s (2 * rows * out * in)\n")
-    print("| rows x out x in | forward: kernel / XLA path / torch dense | backward (dx): kernel / XLA path / torch dense |")
+    print("| rows x out x in | forward: kernel / XLA path / torch dense "
+          "| backward (dx): kernel / XLA path / torch dense |")
     print("|---|---|---|")
     for m, n, k in [tuple(int(d) for d in s.split("x")) for s in a.shapes.split(",")]:
         q = qlora_jax.quantize(jax.random.normal(jax.random.key(0), (n, k), jnp.float32))

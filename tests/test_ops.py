@@ -85,4 +85,3 @@ def test_vjp_in_bands_of_rows(monkeypatch, quant_type):
     np.testing.assert_allclose(np.asarray(vjp(dy)[0]), np.asarray(vjp_ref(dy)[0]), rtol=1e-5, atol=1e-5)
     jaxpr = str(jax.make_jaxpr(lambda a: vjp(a))(dy))
     assert "scan" in jaxpr or "while" in jaxpr  # the band loop ran
-

@@ -18,7 +18,8 @@ def test_wheel_installs_kernels_as_a_subpackage(tmp_path):
     (wheel,) = tmp_path.glob("qlora_jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "qlora_jax/kernels/__init__.py" in names
-    assert "qlora_jax/kernels/cpu/nf4_gemv.cc" in names  # the CPU kernel's source, built on first use
+    for source in ("nf4_gemv.cc", "nf4_gemm.cc", "common.h"):  # the CPU kernels' sources, built on first use
+        assert f"qlora_jax/kernels/cpu/{source}" in names
     assert "qlora_jax/quant/_core.py" in names and "qlora_jax/models/_checkpoint.py" in names
     assert not any(n.startswith("kernels/") for n in names), "a top-level 'kernels' would shadow the PyPI package"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

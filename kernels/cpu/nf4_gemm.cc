@@ -57,13 +57,14 @@ struct Weight {
   float scale(int64_t flat) const { return absmax[shift >= 0 ? (flat >> shift) : flat / blocksize]; }
 };
 
-// bf16 bits (round to nearest even) in the low 16 bits of each lane: the weights are finite.
-inline __m512i bf16_bits(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  return _mm512_srli_epi32(u, 16);
+// fp32 bits plus the round-to-nearest-even bias of their bf16 rounding (the bf16 is the high half)
+inline __m512i rounding_bias_added(__m512i u) {
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
 }
+
+// bf16 bits (round to nearest even) in the low 16 bits of each lane: the weights are finite.
+inline __m512i bf16_bits(__m512 v) { return _mm512_srli_epi32(rounding_bias_added(_mm512_castps_si512(v)), 16); }
 
 // The 32 weights W[row, c0 .. c0+31] (one block, 16 code bytes) as dequantize(w, bf16) rounds them:
 // even elements (high nibbles) in `even`, odd ones in `odd`, bf16 bits in each lane's low half.
@@ -102,11 +103,9 @@ void pack_backward(const Weight& w, int64_t k0, const __m512& table, uint32_t* p
 }
 
 inline __m256i round_to_bf16(__m512 v) {  // 16 fp32 -> 16 bf16 (nearest even, NaN kept quiet)
-  __m512i u = _mm512_castps_si512(v);
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  const __m512i u = _mm512_castps_si512(v);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  const __m512i bits = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+  const __m512i bits = _mm512_mask_or_epi32(rounding_bias_added(u), nan, u, _mm512_set1_epi32(0x400000));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
 }
 

@@ -92,8 +92,8 @@ class Attention(nnx.Module):
 
 
 # Attention runs head-major: q [B, K, G, S, D] (``attend`` transposes it), k and v [B, K, T, D] (the
-# KV cache's layout: ``Attention`` transposes them after RoPE), so that every product below is a batched matmul over (B, K) whose result comes out
-# with D or T minor. In the sequence-major layout XLA:CPU computed some gradients as [B, K, D, T]
+# KV cache's layout: ``Attention`` transposes them after RoPE), so that every product below is a
+# batched matmul over (B, K) whose result comes out with D or T minor. In the sequence-major layout XLA:CPU computed some gradients as [B, K, D, T]
 # and transposed them element by element inside the RoPE backward's fusions (~10% of a small-preset
 # train step).
 _BATCH = ((0, 1), (0, 1))
