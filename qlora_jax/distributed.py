@@ -182,7 +182,8 @@ def launch(command: list[str], *, num_processes: int, cpu_devices_per_process: i
     for rank in range(num_processes):
         env = process_env(rank, num_processes, coordinator, cpu_devices_per_process=cpu_devices_per_process,
                           timeout=timeout)
-        procs.append(subprocess.Popen([sys.executable, "-m", "qlora_jax.cli", *command], env=env,
+        # -P: the working directory off sys.path (a checkout's kernels/ folder is not PyPI's `kernels`)
+        procs.append(subprocess.Popen([sys.executable, "-P", "-m", "qlora_jax.cli", *command], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                       start_new_session=True))
 

@@ -39,7 +39,7 @@ def main() -> int:
             kw = dict(steps=a.steps, batch_per_device=per_device, seq=a.seq, r=a.r,
                       profile_dir=tempfile.mkdtemp(prefix=f"trace{rank}_"))
             env = process_env(rank, procs, coordinator, cpu_devices_per_process=devices, timeout=120)
-            cmd = [sys.executable, "-m", "qlora_jax.bench", "multiprocess", ckpt, json.dumps(kw)]
+            cmd = [sys.executable, "-P", "-m", "qlora_jax.bench", "multiprocess", ckpt, json.dumps(kw)]
             runs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
         outs = [r.communicate()[0] for r in runs]
         if any(r.returncode for r in runs):

@@ -35,7 +35,7 @@ if __name__ == "__main__":
     kw = json.dumps(dict(batch=a.batch, seq=a.seq, r=a.r, steps=a.steps, dtype=a.dtype))
     results = {}
     for stack in ("qlora_jax", "peft"):
-        out = subprocess.run([sys.executable, "-m", "qlora_jax.bench", stack, str(ckpt), kw], check=True,
+        out = subprocess.run([sys.executable, "-P", "-m", "qlora_jax.bench", stack, str(ckpt), kw], check=True,
                              capture_output=True, text=True).stdout
         results[stack] = json.loads(out.strip().splitlines()[-1])
     print(f"{datetime.date.today()}; llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, "

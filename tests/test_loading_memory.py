@@ -41,7 +41,7 @@ def test_nf4_loading_peak_memory_is_well_under_the_checkpoint(tmp_path):
     twin = write_tiny_llama(tmp_path / "twin", num_hidden_layers=2, **shape)
     size = (ckpt / "model.safetensors").stat().st_size
     assert size > 500e6
-    out = subprocess.run([sys.executable, "-c", PROBE, str(ckpt), str(twin)], check=True, capture_output=True,
+    out = subprocess.run([sys.executable, "-P", "-c", PROBE, str(ckpt), str(twin)], check=True, capture_output=True,
                          text=True)
     peak, final = (int(v) for v in out.stdout.split())
     print(f"checkpoint {size / 2**20:.0f} MiB; anonymous memory while loading: peak +{peak / 2**20:.0f} MiB, "

@@ -18,7 +18,7 @@ from bnb_ref import write_count_task
 
 from qlora_jax import distributed
 
-CLI = [sys.executable, "-m", "qlora_jax.cli"]
+CLI = [sys.executable, "-P", "-m", "qlora_jax.cli"]
 
 
 @pytest.fixture(scope="module")

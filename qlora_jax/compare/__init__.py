@@ -73,7 +73,10 @@ def run_stack(stack: str, config: CompareConfig, ckpt: Path, work: Path, timeout
     work.mkdir(parents=True, exist_ok=True)
     out, log = work / f"{stack}.json", work / f"{stack}.log"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "qlora_jax.compare._worker", stack, config.to_json(), str(ckpt), str(work), str(out)]
+    # -P: the working directory stays off sys.path, so a repository checkout's top-level kernels/
+    # folder cannot stand in for the PyPI package `kernels` that transformers imports
+    cmd = [sys.executable, "-P", "-m", "qlora_jax.compare._worker", stack, config.to_json(), str(ckpt), str(work),
+           str(out)]
     try:
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), timeout=timeout)
