@@ -3,11 +3,16 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <algorithm>
 #include <atomic>
 #include <memory>
 #include <thread>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace qlora_cpu {
 
@@ -27,6 +32,36 @@ inline uint16_t f32_to_bf16_bits(float f) {  // round to nearest even, NaN kept 
 }
 
 inline float round_bf16(float f) { return bf16_bits_to_f32(f32_to_bf16_bits(f)); }
+
+#if defined(__AVX512F__)
+// fp32 bits plus the round-to-nearest-even bias of their bf16 rounding (the bf16 is the high half;
+// finite values: NaN is the caller's concern)
+inline __m512i rounding_bias_added(__m512i u) {
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+}
+#endif
+
+// A grow-only, 64-byte aligned scratch buffer (one per thread: `thread_local Scratch`).
+class Scratch {
+ public:
+  template <typename T>
+  T* get(size_t count) {
+    const size_t bytes = (sizeof(T) * count + 63) / 64 * 64;
+    if (capacity_ < bytes) {
+      data_.reset(std::aligned_alloc(64, bytes));
+      capacity_ = bytes;
+    }
+    return static_cast<T*>(data_.get());
+  }
+
+ private:
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> data_;
+  size_t capacity_ = 0;
+};
 
 // Runs work(p) for p in [0, parts) on this thread and up to (pool threads - 1) of the pool's. Every
 // thread, this one included, claims parts until none are left, so a part never waits for a busy

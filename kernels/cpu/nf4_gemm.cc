@@ -22,9 +22,7 @@
 // in one block) and, backward, N even. `vdpbf16ps` treats denormal inputs as zero and flushes
 // denormal sums (round to nearest even otherwise).
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
 
 #include "xla/ffi/api/ffi.h"
 #include "common.h"
@@ -57,11 +55,7 @@ struct Weight {
   float scale(int64_t flat) const { return absmax[shift >= 0 ? (flat >> shift) : flat / blocksize]; }
 };
 
-// fp32 bits plus the round-to-nearest-even bias of their bf16 rounding (the bf16 is the high half)
-inline __m512i rounding_bias_added(__m512i u) {
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-}
+using qlora_cpu::rounding_bias_added;
 
 // bf16 bits (round to nearest even) in the low 16 bits of each lane: the weights are finite.
 inline __m512i bf16_bits(__m512 v) { return _mm512_srli_epi32(rounding_bias_added(_mm512_castps_si512(v)), 16); }
@@ -165,10 +159,6 @@ void tiles_from(const uint32_t* xp, const uint32_t* panel, int64_t pairs, uint16
   }
 }
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-
 ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> codes,
                        ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table, ffi::Result<ffi::Buffer<ffi::BF16>> y,
                        int64_t blocksize, bool transpose) {
@@ -193,26 +183,14 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const int64_t panels = (cols_total + NR - 1) / NR, tiles = (m + MR - 1) / MR;
   // the packed input, in this (calling) thread's buffer: kernels running side by side on other
   // threads have their own
-  thread_local std::unique_ptr<void, FreeDeleter> input_buffer;
-  thread_local size_t input_capacity = 0;
-  const size_t input_bytes = sizeof(uint32_t) * tiles * pairs * MR;
-  if (input_capacity < input_bytes) {
-    input_buffer.reset(std::aligned_alloc(64, (input_bytes + 63) / 64 * 64));
-    input_capacity = input_bytes;
-  }
-  uint32_t* xp = static_cast<uint32_t*>(input_buffer.get());
+  thread_local qlora_cpu::Scratch input_buffer;
+  uint32_t* xp = input_buffer.get<uint32_t>(tiles * pairs * MR);
   auto pack = [&](int64_t t) { pack_input(xb, m, pairs, t, xp); };
   qlora_cpu::parallel_parts(pool, tiles, pack);
-  const size_t panel_bytes = sizeof(uint32_t) * pairs * NR;
   auto work = [&](int64_t p) {
     // one panel of columns: decode it, then every tile of the input against it
-    thread_local std::unique_ptr<void, FreeDeleter> buffer;
-    thread_local size_t capacity = 0;
-    if (capacity < panel_bytes) {
-      buffer.reset(std::aligned_alloc(64, (panel_bytes + 63) / 64 * 64));
-      capacity = panel_bytes;
-    }
-    uint32_t* panel = static_cast<uint32_t*>(buffer.get());
+    thread_local qlora_cpu::Scratch panel_buffer;
+    uint32_t* panel = panel_buffer.get<uint32_t>(pairs * NR);
     const __m512 tab = _mm512_loadu_ps(t);
     const int64_t c0 = p * NR, cols = std::min<int64_t>(NR, cols_total - c0);
     if (transpose) pack_backward(w, c0, tab, panel);

@@ -30,6 +30,9 @@ namespace {
 using qlora_cpu::bf16_bits_to_f32;
 using qlora_cpu::f32_to_bf16_bits;
 using qlora_cpu::round_bf16;
+#ifdef QLORA_AVX512
+using qlora_cpu::rounding_bias_added;
+#endif
 
 // One weight element, as dequantize(w, dtype) makes it: fp32 product, then rounded to dtype.
 inline float weight(const uint8_t* codes, const float* absmax, const float* table, int64_t flat,
@@ -67,8 +70,6 @@ __attribute__((always_inline)) inline void tile_avx512(const float* xs, int64_t 
                                                        int64_t blocksize, bool bf16, const __m512& tab, float* out,
                                                        int64_t out_stride) {
   const __m512i mask4 = _mm512_set1_epi32(0xF);
-  const __m512i round_bias = _mm512_set1_epi32(0x7fff);
-  const __m512i one = _mm512_set1_epi32(1);
   const __m512i high16 = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   __m512 acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
@@ -80,12 +81,8 @@ __attribute__((always_inline)) inline void tile_avx512(const float* xs, int64_t 
     __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), tab), scale);
     __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, mask4), tab), scale);
     if (bf16) {  // round to nearest even bf16 (finite values: codes times a finite absmax)
-      __m512i u = _mm512_castps_si512(w_hi);
-      u = _mm512_add_epi32(u, _mm512_add_epi32(round_bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-      w_hi = _mm512_castsi512_ps(_mm512_and_si512(u, high16));
-      u = _mm512_castps_si512(w_lo);
-      u = _mm512_add_epi32(u, _mm512_add_epi32(round_bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-      w_lo = _mm512_castsi512_ps(_mm512_and_si512(u, high16));
+      w_hi = _mm512_castsi512_ps(_mm512_and_si512(rounding_bias_added(_mm512_castps_si512(w_hi)), high16));
+      w_lo = _mm512_castsi512_ps(_mm512_and_si512(rounding_bias_added(_mm512_castps_si512(w_lo)), high16));
     }
     const float* xg = xs + g * 32;
     for (int i = 0; i < MT; ++i) {
