@@ -4,11 +4,12 @@ with XLA as FFI custom calls:
 - ``cpu_gemv`` (``cpu/nf4_gemv.cc``): an NF4/FP4 matrix-vector product for up to ``MAX_M`` rows
   (decode, short prefills), float32 or bfloat16;
 - ``cpu_gemm`` (``cpu/nf4_gemm.cc``): training-sized products in bfloat16, forward (x @ W^T) and
-  backward (dy @ W), with AVX-512 BF16 dot products (``gemm_available()``).
+  backward (dy @ W), with AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the
+  same bf16 values (``gemm_available()``, ``gemm_isa()``).
 
 XLA on CPU has no fused 4-bit matmul: the XLA path dequantizes every weight to the compute dtype
 first (a full write and read of a bf16 copy, on every forward and backward). These kernels read the
-packed codes (an AVX-512 permute looks up 16 codes at a time), scale and round them exactly as
+packed codes (an AVX-512 permute looks up 16 codes at a time, two AVX2 ones 8), scale and round them exactly as
 ``dequantize(w, x.dtype)`` does, and multiply with fp32 accumulation, on XLA's CPU threads: results
 differ from the XLA path in fp32 summation order only.
 
@@ -17,7 +18,8 @@ three seconds, cached under ``$QLORA_JAX_CACHE/kernels`` or ``~/.cache/qlora_jax
 hash of the source, the compiler and the CPU): the installed wheel stays pure Python and portable.
 Where it cannot be built (no compiler, no XLA FFI headers) ``available()`` is False, says why in
 ``unavailable_reason()``, and ``qmatmul`` takes the pure-JAX path. ``QLORA_JAX_CPU_KERNEL=0``
-turns it off.
+turns it off; ``QLORA_JAX_CPU_KERNEL=avx2`` builds it without AVX-512 (the AVX2 code a CPU without
+AVX-512 runs, for testing it on one with).
 """
 
 from __future__ import annotations
@@ -64,15 +66,19 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler (g++/c++ or $CXX) on PATH")
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    flags = ["-O3", "-march=native", "-ffp-contract=off"]
+    if os.environ.get("QLORA_JAX_CPU_KERNEL") == "avx2":
+        flags.append("-mno-avx512f")  # every AVX-512 subset off: the AVX2 paths
     key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + version.encode()
-                         + _cpu_signature().encode() + jax.__version__.encode()).hexdigest()[:16]
+                         + _cpu_signature().encode() + jax.__version__.encode() + " ".join(flags).encode()
+                         ).hexdigest()[:16]
     out = _cache_root() / key / "libqlora_nf4_gemv.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: never half a library
         lib = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
+        cmd = [cxx, *flags, "-shared", "-fPIC", "-std=c++17",
                "-w", f"-I{include}", *map(str, SOURCES), "-o", str(lib)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -84,16 +90,20 @@ def _build() -> Path:
 def _load() -> bool:
     if "ok" in _STATE:
         return _STATE["ok"]
-    _STATE["ok"], _STATE["reason"], _STATE["gemm"] = False, None, False
-    if os.environ.get("QLORA_JAX_CPU_KERNEL") == "0":
+    setting = os.environ.get("QLORA_JAX_CPU_KERNEL")
+    if setting not in (None, "", "0", "1", "avx2"):
+        raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default) or avx2")
+    _STATE["ok"], _STATE["reason"], _STATE["gemm"] = False, None, None
+    if setting == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemv), platform="cpu")
-        if lib.QloraNf4GemmSupported():  # built with AVX-512 BF16 (the CPU has it)
+        isa = lib.QloraNf4GemmSupported()  # what the CPU has: 2 AVX-512 BF16, 1 AVX2 + FMA, 0 neither
+        if isa:
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemm), platform="cpu")
-            _STATE["gemm"] = True
+            _STATE["gemm"] = {2: "avx512_bf16", 1: "avx2"}[isa]
     except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
         _STATE["reason"] = f"{type(e).__name__}: {e}"
         return False
@@ -112,8 +122,14 @@ def unavailable_reason() -> str | None:
 
 
 def gemm_available() -> bool:
-    """Whether the training-sized kernel is built (it needs a CPU with AVX-512 BF16)."""
-    return _load() and _STATE["gemm"]
+    """Whether the training-sized kernel is built (it needs a CPU with AVX-512 BF16 or AVX2 + FMA)."""
+    return _load() and _STATE["gemm"] is not None
+
+
+def gemm_isa() -> str | None:
+    """The instructions the training-sized kernel was built with: ``"avx512_bf16"`` (bf16 dot
+    products), ``"avx2"`` (fp32 FMAs of the bf16 values), or None where it is not available."""
+    return _STATE["gemm"] if _load() else None
 
 
 def gemm_supported(n: int, k: int, blocksize: int, dtype, *, transpose: bool) -> bool:
@@ -145,7 +161,7 @@ def cpu_gemm(x2, codes, absmax, table, *, n: int, k: int, blocksize: int, transp
     code ``table``: ``x2 [M, k] @ W^T -> [M, n]``, or with ``transpose`` ``x2 [M, n] @ W -> [M, k]``
     (the input gradient)."""
     if not gemm_available():
-        raise RuntimeError(f"the CPU GEMM kernel is not available: {_STATE['reason'] or 'no AVX-512 BF16'}")
+        raise RuntimeError(f"the CPU GEMM kernel is not available: {_STATE['reason'] or 'neither AVX-512 BF16 nor AVX2 + FMA'}")
     if not gemm_supported(n, k, blocksize, x2.dtype, transpose=transpose) or x2.shape[1] != (n if transpose else k):
         raise ValueError(f"cpu_gemm takes bfloat16 [M, {n if transpose else k}] inputs for an [{n}, {k}] weight with "
                          f"K and blocksize multiples of 32; got {x2.dtype} {x2.shape}, blocksize {blocksize}")

@@ -33,7 +33,7 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args()
     if not cpu_nf4.gemm_available():
-        raise SystemExit(f"the GEMM kernel is not available here: {cpu_nf4.unavailable_reason() or 'no AVX-512 BF16'}")
+        raise SystemExit(f"the GEMM kernel is not available here: {cpu_nf4.unavailable_reason() or 'neither AVX-512 BF16 nor AVX2 + FMA'}")
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, jax {jax.__version__}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), bfloat16, GFLOP/s (2 * rows * out * in)\n")
     print("| rows x out x in | forward: kernel / XLA path / torch dense "

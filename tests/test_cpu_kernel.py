@@ -54,13 +54,16 @@ def _close(ours, ref, dtype):
                                atol=tol * float(jnp.abs(ref.astype(jnp.float32)).max()))
 
 
-def _has_avx512_bf16() -> bool:
+def _cpu_flags() -> set[str]:
     with open("/proc/cpuinfo") as f:
-        return "avx512_bf16" in f.read()
+        return set(next((line for line in f if line.startswith("flags")), "").split())
 
 
-def test_gemm_is_built_where_the_cpu_has_avx512_bf16():
-    assert cpu_nf4.gemm_available() == _has_avx512_bf16()
+def test_gemm_is_built_with_the_best_instructions_the_cpu_has():
+    flags = _cpu_flags()
+    expected = ("avx512_bf16" if {"avx512f", "avx512bw", "avx512_bf16"} <= flags
+                else "avx2" if {"avx2", "fma"} <= flags else None)
+    assert cpu_nf4.gemm_isa() == expected and cpu_nf4.gemm_available() == (expected is not None)
 
 
 def test_qmatmul_dispatch_and_gradient():
@@ -94,8 +97,10 @@ def test_qmatmul_dispatch_and_gradient():
 
 # (n, k, m, quant_type, blocksize, double_quant): N with a tail past the 32-column panels (300, 40),
 # M not a multiple of the 12-row tile, K = 1376 (blocks spanning rows), blocksizes 32 / 64 / 128
+# and reductions past the AVX2 path's 2048-element chunks (K = 4160 forward, N = 2090 backward)
 GEMM_CASES = [(64, 128, 80, "nf4", 64, True), (300, 96, 97, "nf4", 64, True), (512, 1376, 130, "nf4", 64, True),
-              (40, 64, 5, "fp4", 32, False), (128, 256, 200, "fp4", 128, True), (1376, 512, 66, "nf4", 64, False)]
+              (40, 64, 5, "fp4", 32, False), (128, 256, 200, "fp4", 128, True), (1376, 512, 66, "nf4", 64, False),
+              (72, 4160, 13, "nf4", 64, True), (2090, 96, 20, "fp4", 64, False)]
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
@@ -106,7 +111,7 @@ def test_gemm_matches_its_twin_and_the_xla_path(n, k, m, quant_type, blocksize, 
         x = jax.random.normal(jax.random.key(7), (m, n), jnp.float32).astype(jnp.bfloat16)
     args = (x, q.codes, dequantize_absmax(q), jnp.asarray(CODE_TABLES[quant_type]))
     kw = dict(n=n, k=k, blocksize=blocksize, transpose=transpose)
-    if not cpu_nf4.gemm_available():  # a CPU without AVX-512 BF16: a clear refusal (qmatmul takes XLA)
+    if not cpu_nf4.gemm_available():  # a CPU without AVX-512 BF16 or AVX2: a clear refusal (qmatmul takes XLA)
         with pytest.raises(RuntimeError, match="GEMM kernel is not available"):
             cpu_nf4.cpu_gemm(*args, **kw)
         return
@@ -128,6 +133,54 @@ def test_gemm_refuses_what_it_does_not_take():
             cpu_nf4.cpu_gemm(x.astype(jnp.float32), *args, n=64, k=96, blocksize=64)
         with pytest.raises(ValueError, match=r"got bfloat16 \(80, 96\)"):
             cpu_nf4.cpu_gemm(x, *args, n=64, k=96, blocksize=64, transpose=True)  # dy must be [M, n]
+
+
+_AVX2_CHECK = """
+import jax, jax.numpy as jnp, numpy as np, qlora_jax
+from qlora_jax.kernels import cpu_nf4
+from qlora_jax.quant._array import dequantize_absmax
+from qlora_jax.quant._tables import CODE_TABLES
+import sys
+avx2 = sys.argv[1] == "1"
+assert cpu_nf4.gemm_isa() == ("avx2" if avx2 else None), cpu_nf4.gemm_isa()
+for n, k, m, qt, transpose in [(300, 2080, 97, "nf4", False), (2090, 96, 20, "fp4", True), (72, 192, 1, "nf4", None),
+                               (72, 192, 7, "fp4", None)]:
+    q = qlora_jax.quantize(jax.random.normal(jax.random.key(0), (n, k)), quant_type=qt)
+    x = jax.random.normal(jax.random.key(1), (m, n if transpose else k)).astype(jnp.bfloat16)
+    args = (x, q.codes, dequantize_absmax(q), jnp.asarray(CODE_TABLES[qt]))
+    if transpose is not None and not avx2:
+        continue
+    if transpose is None:
+        got, want = cpu_nf4.cpu_gemv(*args, n=n, blocksize=64), cpu_nf4.reference_cpu_gemv(*args, n=n, blocksize=64)
+    else:
+        kw = dict(n=n, k=k, blocksize=64, transpose=transpose)
+        got, want = cpu_nf4.cpu_gemm(*args, **kw), cpu_nf4.reference_cpu_gemm(*args, **kw)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=2 ** -8 * float(np.abs(want).max()))
+print("checked")
+"""
+
+
+def test_the_avx2_build_matches_its_twins(tmp_path):
+    # QLORA_JAX_CPU_KERNEL=avx2 builds without AVX-512: where the CPU has AVX-512 this is the only
+    # run of the AVX2 code (the code an AVX2-only CPU runs); where it has not, the same build again;
+    # without AVX2 (another architecture) no GEMM kernel, the GEMV kernel's scalar code
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, QLORA_JAX_CPU_KERNEL="avx2", QLORA_JAX_CACHE=str(tmp_path))
+    has_avx2 = "1" if {"avx2", "fma"} <= _cpu_flags() else "0"
+    proc = subprocess.run([sys.executable, "-P", "-c", _AVX2_CHECK, has_avx2], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_bad_kernel_setting_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_nf4, "_STATE", {})
+    monkeypatch.setenv("QLORA_JAX_CPU_KERNEL", "avx512")
+    with pytest.raises(ValueError, match=r"QLORA_JAX_CPU_KERNEL='avx512': expected 0 \(off\), 1"):
+        cpu_nf4.available()
+    monkeypatch.setattr(cpu_nf4, "_STATE", {})
 
 
 def test_turned_off_or_unbuildable_falls_back(monkeypatch):

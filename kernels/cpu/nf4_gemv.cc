@@ -21,6 +21,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define QLORA_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QLORA_AVX2 1
 #endif
 
 namespace ffi = xla::ffi;
@@ -30,7 +33,7 @@ namespace {
 using qlora_cpu::bf16_bits_to_f32;
 using qlora_cpu::f32_to_bf16_bits;
 using qlora_cpu::round_bf16;
-#ifdef QLORA_AVX512
+#if defined(QLORA_AVX512) || defined(QLORA_AVX2)
 using qlora_cpu::rounding_bias_added;
 #endif
 
@@ -114,6 +117,72 @@ void rows_avx512(const float* xs, int64_t m, int64_t k, const uint8_t* codes, co
 }
 #endif
 
+#ifdef QLORA_AVX2
+// The AVX2 form of tile_avx512 (CPUs without AVX-512: AMD before Zen 4, many Intel client
+// chips): the 16-entry table as two 8-entry permutes and a blend on the code's bit 3, each group of
+// 32 elements as two halves of 8 code bytes. A lone row keeps four accumulators (one FMA chain
+// would wait on its latency), more rows two each.
+template <int MT>
+__attribute__((always_inline)) inline void tile_avx2(const float* xs, int64_t k, const uint8_t* row_codes,
+                                                     const float* absmax, int64_t row_flat, int64_t bs_shift,
+                                                     int64_t blocksize, bool bf16, const __m256& tab_lo,
+                                                     const __m256& tab_hi, float* out, int64_t out_stride) {
+  constexpr int NC = MT == 1 ? 4 : 2;
+  const __m256i mask4 = _mm256_set1_epi32(0xF);
+  const __m256i high16 = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  auto lookup = [&](__m256i c, __m256 scale) {
+    const __m256 lo = _mm256_permutevar8x32_ps(tab_lo, c), hi = _mm256_permutevar8x32_ps(tab_hi, c);
+    __m256 w = _mm256_mul_ps(_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 28))), scale);
+    if (bf16)  // round to nearest even bf16 (finite values: codes times a finite absmax)
+      w = _mm256_castsi256_ps(_mm256_and_si256(rounding_bias_added(_mm256_castps_si256(w)), high16));
+    return w;
+  };
+  __m256 acc[MT][NC];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t groups = k / 32;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t flat = row_flat + g * 32;  // a group of 32 lies in one block (blocksize % 32 == 0)
+    const __m256 scale = _mm256_set1_ps(absmax[bs_shift >= 0 ? (flat >> bs_shift) : flat / blocksize]);
+    const float* xg = xs + g * 32;
+    for (int h = 0; h < 2; ++h) {  // code bytes 8h .. 8h+7: even elements 8h.., odd ones 16+8h..
+      const __m256i bytes =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row_codes + g * 16 + 8 * h)));
+      const __m256 w_hi = lookup(_mm256_srli_epi32(bytes, 4), scale);
+      const __m256 w_lo = lookup(_mm256_and_si256(bytes, mask4), scale);
+      for (int i = 0; i < MT; ++i) {
+        acc[i][(2 * h) % NC] = _mm256_fmadd_ps(w_hi, _mm256_loadu_ps(xg + i * k + 8 * h), acc[i][(2 * h) % NC]);
+        acc[i][(2 * h + 1) % NC] =
+            _mm256_fmadd_ps(w_lo, _mm256_loadu_ps(xg + i * k + 16 + 8 * h), acc[i][(2 * h + 1) % NC]);
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    __m256 s = acc[i][0];
+    for (int j = 1; j < NC; ++j) s = _mm256_add_ps(s, acc[i][j]);
+    out[i * out_stride] = qlora_cpu::reduce_add(s);
+  }
+}
+
+void rows_avx2(const float* xs, int64_t m, int64_t k, const uint8_t* codes, const float* absmax,
+               const float* table, int64_t blocksize, bool bf16, int64_t n0, int64_t n1, float* y, int64_t n) {
+  const __m256 tab_lo = _mm256_loadu_ps(table), tab_hi = _mm256_loadu_ps(table + 8);
+  const int64_t bs_shift = (blocksize & (blocksize - 1)) == 0 ? __builtin_ctzll(blocksize) : -1;
+  for (int64_t r = n0; r < n1; ++r) {
+    const uint8_t* row_codes = codes + (r * k) / 2;
+    const int64_t row_flat = r * k;
+    for (int64_t i0 = 0; i0 < m;) {
+      const int64_t left = m - i0;
+      const float* xt = xs + i0 * k;
+      float* out = y + i0 * n + r;
+      if (left >= 4) { tile_avx2<4>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab_lo, tab_hi, out, n); i0 += 4; }
+      else if (left >= 2) { tile_avx2<2>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab_lo, tab_hi, out, n); i0 += 2; }
+      else { tile_avx2<1>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab_lo, tab_hi, out, n); i0 += 1; }
+    }
+  }
+}
+#endif
+
 ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes,
                        ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table, ffi::Result<ffi::AnyBuffer> y,
                        int64_t blocksize) {
@@ -145,7 +214,7 @@ ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   const float* a = absmax.typed_data();
   const float* t = table.typed_data();
   bool vector_path = false;
-#ifdef QLORA_AVX512
+#if defined(QLORA_AVX512) || defined(QLORA_AVX2)
   vector_path = k % 32 == 0 && blocksize % 32 == 0;
 #endif
   std::vector<float> xs;
@@ -159,8 +228,10 @@ ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
         }
   }
   auto rows = [&](int64_t n0, int64_t n1) {
-#ifdef QLORA_AVX512
+#if defined(QLORA_AVX512)
     if (vector_path) return rows_avx512(xs.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
+#elif defined(QLORA_AVX2)
+    if (vector_path) return rows_avx2(xs.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
 #endif
     rows_scalar(xf.data(), m, k, c, a, t, blocksize, bf16, n0, n1, acc.data(), n);
   };
