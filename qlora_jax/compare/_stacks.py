@@ -268,8 +268,8 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     result = _jax_result()
     dtype = jnp.dtype(config.dtype)
     cpu_kernel = "built" if cpu_nf4.available() else f"not available: {cpu_nf4.unavailable_reason()}"
-    gemm = ("the native GEMM kernel (AVX-512 BF16) above and for dx" if cpu_nf4.gemm_available() else
-            "XLA's dequantize + dot above (no AVX-512 BF16 GEMM kernel here)")
+    gemm = (f"the native GEMM kernel ({cpu_nf4.gemm_isa()}) above and for dx" if cpu_nf4.gemm_available() else
+            "XLA's dequantize + dot above (no GEMM kernel here: neither AVX-512 BF16 nor AVX2)")
     result["configuration"] = (f"from_pretrained(scan_layers={SCAN_LAYERS}), kernel 'auto' (on CPU: the native "
                                f"GEMV kernel, {cpu_kernel}, for up to {cpu_nf4.MAX_M} rows; {gemm}), "
                                "optim 'adamw' (on device), one jitted train step")

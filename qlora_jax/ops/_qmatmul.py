@@ -13,8 +13,8 @@ XLA on every platform; ``backend`` does not apply). A 4-bit ``QuantizedArray``:
 - ``cpu``: the native CPU kernels (``qlora_jax.kernels.cpu_nf4``, C++ through XLA FFI, built on
   first use), reading the packed codes without writing a dequantized weight: a GEMV for up to 64
   rows of x (decode, short prefills; float32 or bfloat16), a GEMM with AVX-512 BF16 dot products
-  for more rows of bfloat16 and for dx (the CPU must have AVX-512 BF16; K and the blocksize
-  multiples of 32). Anything they do not take (float16, more rows of float32, a mesh in context,
+  (or, on CPUs without them, AVX2 fp32 FMAs of the same bf16 values) for more rows of bfloat16 and
+  for dx (K and the blocksize multiples of 32). Anything they do not take (float16, more rows of float32, a mesh in context,
   another platform, a machine where they cannot be built): the XLA path;
 - ``auto``: pallas on GPU, cpu on CPU, the XLA path elsewhere.
 
@@ -231,7 +231,7 @@ _qmatmul_cpu.defvjp(lambda x2, w: (_qmatmul_cpu(x2, w), w), _cpu_bwd)
 
 def _cpu_kernel_takes(x, w: QuantizedArray) -> bool:
     """Whether a CPU kernel runs this product: the GEMV one for up to ``cpu_nf4.MAX_M`` rows, the
-    GEMM one (AVX-512 BF16) for more rows of bfloat16; not under a mesh."""
+    GEMM one (AVX-512 BF16 or AVX2) for more rows of bfloat16; not under a mesh."""
     from ..kernels import cpu_nf4
 
     if not (jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty and cpu_nf4.available()):
