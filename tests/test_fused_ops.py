@@ -59,6 +59,16 @@ def _naive_attend(q, k, v, bias):
     return out.astype(q.dtype).reshape(b, s, h, d)
 
 
+def _exact_attend(q, k, v, bias):
+    """_naive_attend in float64 numpy."""
+    b, s, h, d = q.shape
+    kh = k.shape[2]
+    scores = np.einsum("bskgd,btkd->bkgst", q.reshape(b, s, kh, h // kh, d), k) * d ** -0.5 + bias[:, None, None]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h, d)
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
 def test_attention_backward_matches_autodiff(dtype, tol):
     k = jax.random.split(jax.random.key(1), 4)
@@ -71,7 +81,15 @@ def test_attention_backward_matches_autodiff(dtype, tol):
     # attend takes keys and values head-major [B, K, T, D] (the KV cache's layout)
     ours, vjp = jax.vjp(lambda q, kk, v: attend(q, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias), q, kk, v)
     ref, ref_vjp = jax.vjp(lambda *a: _naive_attend(*a, bias), q, kk, v)
-    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))  # forward unchanged
+    if dtype == "bfloat16":  # forward unchanged: the same roundings to bf16
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
+    else:  # within fp32 rounding of the exact (float64) result, as the naive form is: XLA:CPU's fp32
+        # dots sum in an order that depends on the operands' layout and the CPU's vector width (the
+        # two forms agreed bit for bit on AVX-512 machines, not on AVX2 ones: ~1 ulp apart there)
+        exact = _exact_attend(*(np.asarray(a, np.float64) for a in (q, kk, v, bias)))
+        bound = 2 * np.finfo(np.float32).eps * np.abs(exact).max()
+        for got in (ours, ref):
+            np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=0, atol=bound)
     for a, b in zip(vjp(dout), ref_vjp(dout)):
         assert a.dtype == b.dtype and _rel(a, b) < tol
 
