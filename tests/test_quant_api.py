@@ -102,8 +102,11 @@ def test_dequantize_rejects_bad_dtype_and_non_quantized():
 # ------------------------------------------------------------------------------ jit and pytrees
 
 
-def test_quantize_and_dequantize_under_jit_match_eager():
-    x = _w((96, 160))
+@pytest.mark.parametrize("shape", [(96, 160), (1100, 2048)])
+def test_quantize_and_dequantize_under_jit_match_eager(shape):
+    """Eagerly the double-quantization offset is summed on the host (numpy), under jit by XLA:
+    the same bits, for short and long (35200-block) absmax vectors alike."""
+    x = _w(shape)
     q_eager = qlora_jax.quantize(x)
     q_jit = jax.jit(qlora_jax.quantize)(x)
     for a, b in zip(jax.tree.leaves(q_eager), jax.tree.leaves(q_jit)):

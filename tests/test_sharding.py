@@ -315,6 +315,15 @@ INT8 = textwrap.dedent('''
             out["bands_equal"] = bool(np.array_equal(np.asarray(got.codes), np.asarray(whole.codes))
                                       and np.array_equal(np.asarray(got.scales), np.asarray(whole.scales)))
             out["bands_spec"] = [str(got.codes.sharding.spec), str(got.scales.sharding.spec)]
+            nf4 = _read_shards(key, reader, jnp.float32, QuantConfig(), mesh)  # 4-bit: in bands too
+            out["nf4_bands_spec"] = str(nf4.codes.sharding.spec)
+            bad = np.array(reader[:], np.float32)
+            bad[5, 7] = np.nan
+            try:
+                _read_shards(key, bad, jnp.float32, QuantConfig(), mesh)
+                out["nan_error"] = None
+            except ValueError as e:
+                out["nan_error"] = str(e)
     from jax.sharding import NamedSharding, PartitionSpec as P
     probe = np.random.default_rng(9).integers(3, 250, (8, 16)).astype(np.int32)
     logits, firsts = {}, {}
@@ -388,7 +397,8 @@ def test_int8_base_on_a_mesh(tmp_path):
     differ by the same (seen: gradients 0.9-1.3x, losses 0.7x the nudged runs' largest). A wrong
     reduction on the mesh (a missing all-reduce, a shard counted twice) moves a gradient by O(1).
     (Earlier a fixed rtol 1e-4 on the losses: seen 4e-5 on an AVX-512 CI machine, 1.03e-4 on an
-    AVX2 one. AdamW's sign-like first steps amplify the flips further; tests/test_int8_models.py.)"""
+    AVX2 one. AdamW's sign-like first steps amplify the flips further; tests/test_int8_models.py.)
+    Also: a 4-bit weight is read in row bands there too, and a NaN in it is reported with its rows."""
     import numpy as np
 
     script = tmp_path / "int8.py"
@@ -401,6 +411,10 @@ def test_int8_base_on_a_mesh(tmp_path):
     assert out["bands_spec"] == ["P(('tensor', 'fsdp'),)"] * 2
     assert out["codes_per_device"] == 1 / 4
     assert out["base_logits_equal"]
+    # a NaN in a 4-bit weight read in row bands: the band's quantization program reports it
+    assert out["nf4_bands_spec"] == "P(('tensor', 'fsdp'),)"
+    assert out["nan_error"] is not None and out["nan_error"].startswith(
+        "checkpoint tensor 'model.layers.1.mlp.down_proj.weight' holds non-finite values (rows 0.."), out["nan_error"]
     mesh_g, nudged_g = np.array(out["first_update_rel"]), np.array(out["first_update_rel_nudged"]).max(0)
     print("first update per leaf, mesh / nudged single:", np.round(mesh_g / nudged_g, 2))
     for leaf, a, b in zip(out["leaves"], mesh_g, nudged_g, strict=True):

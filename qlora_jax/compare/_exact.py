@@ -75,9 +75,9 @@ def in_torch_thread_order(q: QuantizedArray, first_absmax, torch_threads: int) -
 
     from ..quant import _core
 
-    first = jnp.asarray(first_absmax, jnp.float32).reshape(-1)
-    offset = _core._true_divide(_core.torch_sum(first, torch_threads), jnp.float32(first.shape[0]))
-    codes, absmax2, offset = _core.quantize_nested_flat(first, q.nested_blocksize, offset=offset)
+    first = np.asarray(first_absmax, np.float32).reshape(-1)
+    offset = _core.torch_mean(first, torch_threads)  # on the host
+    codes, absmax2, offset = _core.quantize_nested_flat(jnp.asarray(first), q.nested_blocksize, offset=offset)
     return dataclasses.replace(q, absmax=codes, nested_absmax=absmax2, offset=offset)
 
 

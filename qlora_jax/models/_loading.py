@@ -201,12 +201,13 @@ def _read_shards(key: str, reader, dtype, quantization: QuantConfig | None, mesh
     ``quantization``) quantized by this process for its own devices' parts only.
 
     4-bit weights are split along output features in whole absmax blocks, so each band of rows
-    quantizes on its own exactly as inside the whole tensor (``quantize_first_level``); double
+    quantizes on its own exactly as inside the whole tensor (``quantize_first_level_checked``, the
+    program ``quantize`` runs first); double
     quantization needs every block's absmax (the offset is their mean), so the bands' absmax are
     gathered over the processes (XLA's all-gather, 1/16 of the bf16 bytes) and every process runs
     the same ``quantize_absmax`` on them. The result equals ``quantize`` of the whole tensor bit for
     bit."""
-    from ..quant._array import quantize_absmax, quantize_first_level
+    from ..quant._array import absmax_offset, quantize_absmax, quantize_first_level_checked
     from ..sharding import leaf_sharding
 
     names = tuple(key.split("."))
@@ -233,10 +234,10 @@ def _read_shards(key: str, reader, dtype, quantization: QuantConfig | None, mesh
     absmax = np.zeros(abstract.absmax.shape, np.float32)
     for r0, r1 in _row_ranges(target.codes, abstract.codes.shape, cols // 2):
         band = jnp.asarray(reader[r0:r1]).astype(dtype)
-        if not bool(jnp.isfinite(band).all()):
+        c, a, finite = quantize_first_level_checked(band, quant_type=kw["quant_type"], blocksize=kw["blocksize"])
+        if not bool(finite):
             raise ValueError(f"checkpoint tensor {key!r} holds non-finite values (rows {r0}..{r1 - 1}); "
                              "expected finite weights")
-        c, a = quantize_first_level(band, quant_type=kw["quant_type"], blocksize=kw["blocksize"])
         codes[r0 * cols // 2:r1 * cols // 2] = np.asarray(c)
         absmax[r0 * cols // kw["blocksize"]:r1 * cols // kw["blocksize"]] = np.asarray(a)
     put = lambda full, sharding: jax.make_array_from_callback(full.shape, sharding, lambda i: full[i])  # noqa: E731
@@ -244,7 +245,8 @@ def _read_shards(key: str, reader, dtype, quantization: QuantConfig | None, mesh
         return dataclasses.replace(abstract, codes=put(codes, target.codes), absmax=put(absmax, target.absmax))
     split = put(absmax, target.absmax)  # every process's bands -> the whole absmax on every device
     whole = jax.jit(lambda x: x, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(split)
-    qabsmax, absmax2, offset = quantize_absmax(np.asarray(whole.addressable_data(0)),
+    gathered = np.asarray(whole.addressable_data(0))
+    qabsmax, absmax2, offset = quantize_absmax(gathered, absmax_offset(gathered),
                                                nested_blocksize=kw["double_quant_blocksize"])
     qabsmax, absmax2, offset = np.asarray(qabsmax), np.asarray(absmax2), np.asarray(offset)
     return dataclasses.replace(abstract, codes=put(codes, target.codes), absmax=put(qabsmax, target.absmax),

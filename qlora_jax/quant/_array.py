@@ -170,17 +170,55 @@ def quantize_first_level(x, *, quant_type, blocksize, batch_dims=0):
 
 
 @functools.partial(jax.jit, static_argnames=("nested_blocksize", "batch_dims"))
-def quantize_absmax(absmax, *, nested_blocksize, batch_dims=0):
-    """Double quantization of a whole tensor's fp32 absmax: (uint8 codes, nested fp32 scales, offset)."""
-    return _over_batch(lambda a: _core.quantize_nested_flat(a, nested_blocksize), absmax.shape[:batch_dims], absmax)
+def quantize_absmax(absmax, offset=None, *, nested_blocksize, batch_dims=0):
+    """Double quantization of a whole tensor's fp32 absmax: (uint8 codes, nested fp32 scales, offset).
+    ``offset`` (fp32, one per tensor: ``absmax_offset``) is computed in the program when not given."""
+    fn = lambda a, o: _core.quantize_nested_flat(a, nested_blocksize, offset=o)  # noqa: E731
+    return _over_batch(fn, absmax.shape[:batch_dims], absmax, offset)
+
+
+def absmax_offset(absmax) -> np.ndarray:
+    """The double-quantization offset of each tensor's fp32 absmax [B..., NB], computed on the host:
+    torch's ``absmax.mean()`` in its CPU summation order (``_core.torch_mean``), fp32 [B...]."""
+    a = np.asarray(absmax, np.float32)
+    flat = a.reshape(-1, a.shape[-1])
+    return np.array([_core.torch_mean(row) for row in flat], np.float32).reshape(a.shape[:-1])
+
+
+@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "batch_dims"))
+def quantize_first_level_checked(x, *, quant_type, blocksize, batch_dims=0):
+    """``quantize_first_level`` and whether every element of ``x`` is finite, in one program: the
+    check rides on the quantization's read of ``x`` (as separate eager ops it was three more
+    programs to compile per weight shape, a third of a small model's load time)."""
+    codes, absmax = quantize_first_level(x, quant_type=quant_type, blocksize=blocksize, batch_dims=batch_dims)
+    return codes, absmax, jnp.isfinite(x).all()
+
+
+def raise_non_finite(x) -> None:
+    """The error for an array holding NaN or inf: how many, and the first one's index."""
+    bad = ~np.isfinite(np.asarray(x, np.float32))
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"cannot quantize non-finite values: {int(bad.sum())} NaN/inf element(s), the first at "
+                     f"index {idx}; expected finite weights")
 
 
 def _quantize_jit(x, *, quant_type, blocksize, nested_blocksize, batch_dims):
     # two programs, so that a tensor quantized in bands (multi-process loading) runs the same ones
-    codes, absmax = quantize_first_level(x, quant_type=quant_type, blocksize=blocksize, batch_dims=batch_dims)
+    if isinstance(x, jax.core.Tracer):
+        codes, absmax = quantize_first_level(x, quant_type=quant_type, blocksize=blocksize, batch_dims=batch_dims)
+    else:  # outside jit a NaN or inf is an error (see ``quantize``)
+        codes, absmax, finite = quantize_first_level_checked(x, quant_type=quant_type, blocksize=blocksize,
+                                                             batch_dims=batch_dims)
+        if not bool(finite):
+            raise_non_finite(x)
     if nested_blocksize is None:
         return codes, absmax, None, None
-    qabsmax, absmax2, offset = quantize_absmax(absmax, nested_blocksize=nested_blocksize, batch_dims=batch_dims)
+    # outside jit the offset's cascade sum runs on the host (same bits; see ``_core.torch_sum``),
+    # unless absmax spans other processes' devices
+    host = not isinstance(x, jax.core.Tracer) and getattr(absmax, "is_fully_addressable", True)
+    offset = absmax_offset(absmax) if host else None
+    qabsmax, absmax2, offset = quantize_absmax(absmax, offset, nested_blocksize=nested_blocksize,
+                                               batch_dims=batch_dims)
     return codes, qabsmax, absmax2, offset
 
 
@@ -231,12 +269,6 @@ def quantize(x, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: b
         raise ValueError(f"batch_dims={batch_dims} is out of range for an array of rank {x.ndim}")
     if math.prod(x.shape[batch_dims:]) == 0:
         raise ValueError(f"cannot quantize an empty tensor of shape {tuple(x.shape[batch_dims:])}")
-    if not isinstance(x, jax.core.Tracer):
-        bad = ~jnp.isfinite(jnp.asarray(x))
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
-            raise ValueError(f"cannot quantize non-finite values: {int(bad.sum())} NaN/inf element(s), "
-                             f"the first at index {idx}; expected finite weights")
     codes, absmax, absmax2, offset = _quantize_jit(
         x, quant_type=quant_type, blocksize=blocksize, nested_blocksize=nested_blocksize, batch_dims=batch_dims)
     return QuantizedArray(codes, absmax, absmax2, offset, logical_shape=tuple(x.shape[batch_dims:]),

@@ -43,8 +43,12 @@ def _pad_to_blocks(x_N: jnp.ndarray, blocksize: int) -> jnp.ndarray:
 
 def _true_divide(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """IEEE ``a / b``. XLA's simplifier rewrites a division by a constant or a broadcast scalar into
-    a multiplication by its reciprocal (two roundings); torch divides. The barrier hides ``b``."""
-    return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), jnp.shape(a)))
+    a multiplication by its reciprocal (two roundings); torch divides. The barrier hides ``b``, made
+    as wide as ``a`` before it: through a select on ``a`` (always ``b``), so that under vmap the
+    divisor is batched inside the barrier too (a plain broadcast is left unbatched by vmap, which
+    then broadcasts the barrier's output over the batch: the rewrite happened again)."""
+    b = jnp.where(jnp.ones(jnp.shape(a), bool), jnp.asarray(b, jnp.float32), a)
+    return a / jax.lax.optimization_barrier(b)
 
 
 def _scale_blocks(x_NBxB: jnp.ndarray, absmax_NB: jnp.ndarray, n: int) -> jnp.ndarray:
@@ -118,22 +122,28 @@ def dequantize_4bit_flat(packed: jnp.ndarray, absmax_NB: jnp.ndarray, n: int, qu
     return (vals_NBxB * absmax_NB[:, None]).reshape(-1)[:n]
 
 
-def _seq_sum(x: jnp.ndarray) -> jnp.ndarray:
+def _xp(x):
+    """numpy for a host array, jax.numpy otherwise: the sums below run on either, in the same order
+    (fp32 additions round the same on both; no FMA is involved)."""
+    return np if isinstance(x, (np.ndarray, np.generic)) else jnp
+
+
+def _seq_sum(x):
     """0 + x[0] + x[1] + ... along axis 0, one rounding per step (an unvectorizable running sum)."""
-    acc = jnp.zeros(x.shape[1:], x.dtype)
+    acc = _xp(x).zeros(x.shape[1:], x.dtype)
     for i in range(x.shape[0]):
         acc = acc + x[i]
     return acc
 
 
-def _seq_groups(x: jnp.ndarray, g: int):
+def _seq_groups(x, g: int):
     """Running sums of complete groups of ``g`` along axis 0, and the running sum of the rest."""
     m = (x.shape[0] // g) * g
-    full = _seq_sum(jnp.moveaxis(x[:m].reshape(m // g, g, *x.shape[1:]), 1, 0))
+    full = _seq_sum(_xp(x).moveaxis(x[:m].reshape(m // g, g, *x.shape[1:]), 1, 0))
     return full, _seq_sum(x[m:])
 
 
-def _multi_row_sum(rows: jnp.ndarray) -> jnp.ndarray:
+def _multi_row_sum(rows):
     """torch's ``multi_row_sum``: a 4-level cascade of running sums over axis 0, chunks of 2**p."""
     size = rows.shape[0]
     level_step = 1 << max(4, (size - 1).bit_length() // 4 if size > 1 else 0)
@@ -144,7 +154,7 @@ def _multi_row_sum(rows: jnp.ndarray) -> jnp.ndarray:
     return ((acc0 + acc1) + acc2) + acc3
 
 
-def _row_sum(x: jnp.ndarray) -> jnp.ndarray:
+def _row_sum(x):
     """torch's ``row_sum`` (ilp_factor 4) over axis 0 of ``x``."""
     size_ilp = x.shape[0] // 4
     partial = _multi_row_sum(x[: size_ilp * 4].reshape(size_ilp, 4, *x.shape[1:]))
@@ -156,14 +166,14 @@ def _row_sum(x: jnp.ndarray) -> jnp.ndarray:
     return p0
 
 
-def _torch_serial_sum(v: jnp.ndarray) -> jnp.ndarray:
+def _torch_serial_sum(v):
     n = v.shape[0]
     lanes = 8
     if n < lanes:  # torch's scalar path: the same row_sum over scalars
         return _row_sum(v)
     nvec = n // lanes
     vec_acc = _row_sum(v[: nvec * lanes].reshape(nvec, lanes))
-    acc = jnp.zeros((), jnp.float32)
+    acc = _xp(v).zeros((), np.float32)
     for i in range(nvec * lanes, n):
         acc = acc + v[i]
     for k in range(lanes):
@@ -174,7 +184,7 @@ def _torch_serial_sum(v: jnp.ndarray) -> jnp.ndarray:
 _TORCH_GRAIN_SIZE = 32768
 
 
-def torch_sum(v: jnp.ndarray, num_threads: int = 1) -> jnp.ndarray:
+def torch_sum(v, num_threads: int = 1):
     """The fp32 sum of a 1-D vector in exactly the order torch's CPU kernel adds it.
 
     ``torch.sum`` / ``mean`` on CPU (``aten/src/ATen/native/cpu/SumKernel.cpp: cascade_sum``, the
@@ -186,16 +196,29 @@ def torch_sum(v: jnp.ndarray, num_threads: int = 1) -> jnp.ndarray:
     Reproducing the order makes the double-quantization offset bit-identical to bitsandbytes'
     ``absmax.mean()`` on CPU. A correctly rounded sum would not do: torch's cascade can sit 2 ulps
     from the exact mean.
+
+    A numpy ``v`` is summed on the host by numpy (the same additions in the same order: the same
+    bits), a jax one by XLA: the cascade is a few hundred scalar-sized operations, cheap in numpy
+    but as traced XLA ops it was most of the tracing and compile time of quantizing a weight.
     """
-    v = v.astype(jnp.float32)
+    xp = _xp(v)
+    v = v.astype(np.float32)
     n = v.shape[0]
     if num_threads <= 1 or n < _TORCH_GRAIN_SIZE:
         return _torch_serial_sum(v)
     used = min(num_threads, -(-n // _TORCH_GRAIN_SIZE))
     chunk = -(-n // used)
     partials = [_torch_serial_sum(v[t * chunk:(t + 1) * chunk]) for t in range(used) if t * chunk < n]
-    buffer = jnp.stack(partials + [jnp.zeros((), jnp.float32)] * (num_threads - len(partials)))
+    buffer = xp.stack(partials + [xp.zeros((), np.float32)] * (num_threads - len(partials)))
     return _torch_serial_sum(buffer)
+
+
+def torch_mean(v, num_threads: int = 1):
+    """torch's ``v.mean()`` on CPU (``torch_sum`` / n, one IEEE division), on numpy or jax arrays."""
+    total = torch_sum(v, num_threads)
+    if _xp(v) is np:
+        return np.float32(total) / np.float32(v.shape[0])
+    return _true_divide(total, jnp.float32(v.shape[0]))
 
 
 def _dquantize_cuda(x: jnp.ndarray, code: np.ndarray) -> jnp.ndarray:
@@ -236,7 +259,7 @@ def quantize_nested_flat(absmax_NB: jnp.ndarray, nested_blocksize: int, offset=N
     """
     nb = absmax_NB.shape[0]
     if offset is None:
-        offset = _true_divide(torch_sum(absmax_NB), jnp.float32(nb))  # torch's absmax.mean()
+        offset = torch_mean(absmax_NB)  # torch's absmax.mean()
     offset = jnp.asarray(offset, jnp.float32)
     centred = absmax_NB - offset
     c_NB2xB = _pad_to_blocks(centred, nested_blocksize)
