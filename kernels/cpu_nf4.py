@@ -5,7 +5,10 @@ with XLA as FFI custom calls:
   (decode, short prefills), float32 or bfloat16;
 - ``cpu_gemm`` (``cpu/nf4_gemm.cc``): training-sized products in bfloat16, forward (x @ W^T) and
   backward (dy @ W), with AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the
-  same bf16 values (``gemm_available()``, ``gemm_isa()``).
+  same bf16 values (``gemm_available()``, ``gemm_isa()``);
+- ``quantize_4bit_host`` (``cpu/quantize.cc``, plain C called through ctypes on host arrays, no
+  XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax), which eager quantization
+  on CPU (checkpoint loading) runs instead of an XLA program compiled per weight shape.
 
 XLA on CPU has no fused 4-bit matmul: the XLA path dequantizes every weight to the compute dtype
 first (a full write and read of a bf16 copy, on every forward and backward). These kernels read the
@@ -38,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("nf4_gemv.cc", "nf4_gemm.cc"))
+SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc"))
 HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
@@ -66,7 +69,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler (g++/c++ or $CXX) on PATH")
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    flags = ["-O3", "-march=native", "-ffp-contract=off"]
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-pthread"]
     if os.environ.get("QLORA_JAX_CPU_KERNEL") == "avx2":
         flags.append("-mno-avx512f")  # every AVX-512 subset off: the AVX2 paths
     key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + version.encode()
@@ -109,6 +112,37 @@ def _load() -> bool:
         return False
     _STATE["ok"], _STATE["lib"] = True, lib
     return True
+
+
+_DTYPE_IDS = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 1, np.dtype(np.float16): 2}
+
+
+def quantize_4bit_host(x: np.ndarray, quant_type: str, blocksize: int, threads: int | None = None):
+    """First-level 4-bit quantization of one host tensor (flattened row-major), bit for bit as
+    ``quant._core.quantize_4bit_flat``: (packed codes u8 [ceil(N/2)], fp32 absmax [NB], whether
+    every element is finite). ``x`` is float32, bfloat16 or float16; ``blocksize`` even. Blocks are
+    split over ``threads`` (default: the CPUs this process may run on)."""
+    from ..quant import _tables
+
+    if not _load():
+        raise RuntimeError(f"the CPU kernel is not available: {_STATE['reason']}")
+    x = np.ascontiguousarray(x)
+    if x.dtype not in _DTYPE_IDS or quant_type not in ("nf4", "fp4") or blocksize % 2:
+        raise ValueError(f"quantize_4bit_host takes float32/bfloat16/float16, nf4/fp4 and an even blocksize; "
+                         f"got {x.dtype}, {quant_type!r}, {blocksize}")
+    n = x.size
+    codes = np.empty(-(-n // 2), np.uint8)
+    absmax = np.empty(-(-n // blocksize), np.float32)
+    mids = np.ascontiguousarray(_tables.NF4_MIDPOINTS if quant_type == "nf4" else _tables.FP4_MIDPOINTS, np.float32)
+    order = None if quant_type == "nf4" else np.ascontiguousarray(_tables.FP4_ORDER, np.uint8)
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ptr = lambda a: ctypes.c_void_p(a.ctypes.data) if a is not None else ctypes.c_void_p(None)  # noqa: E731
+    fn = _STATE["lib"].QloraQuantize4bit
+    fn.restype = ctypes.c_int
+    finite = fn(ptr(x), ctypes.c_int(_DTYPE_IDS[x.dtype]), ctypes.c_int64(n), ctypes.c_int(blocksize), ptr(mids),
+                ptr(order), ptr(codes), ptr(absmax), ctypes.c_int(threads))
+    return codes, absmax, bool(finite)
 
 
 def available() -> bool:

@@ -196,3 +196,71 @@ def test_turned_off_or_unbuildable_falls_back(monkeypatch):
     monkeypatch.setenv("QLORA_JAX_CACHE", "/nonexistent-cache")
     assert not cpu_nf4.available() and "c++" in cpu_nf4.unavailable_reason()
     monkeypatch.setattr(cpu_nf4, "_STATE", {})
+
+
+# ---------------------------------------------------------------- first-level quantization (host)
+
+QUANTIZE_SHAPES = [(1,), (63,), (65,), (7, 9), (10, 70), (128, 257), (300, 1001)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_host_quantize_equals_the_xla_program(quant_type, dtype):
+    """quantize_4bit_host gives the XLA first-level program's codes, absmax and finiteness bit for
+    bit: short last blocks, odd counts, all-zero blocks, scales from 1e-3 to 30, blocksizes 32, 64
+    and 4096, one thread and two (the blocks split between them)."""
+    from qlora_jax.quant._array import quantize_first_level_checked
+
+    rng = np.random.default_rng(len(quant_type) + len(dtype))
+    for shape in QUANTIZE_SHAPES:
+        for blocksize in (32, 64, 4096):
+            x = (rng.standard_normal(shape) * rng.choice([1e-3, 1, 30])).astype(jnp.dtype(dtype))
+            flat = x.reshape(-1)
+            if flat.size > 5:
+                flat[rng.integers(0, flat.size, 3)] = 0
+            if flat.size >= 130:
+                flat[64:128] = 0  # an all-zero block at blocksize 32 and 64
+            want = [np.asarray(a) for a in quantize_first_level_checked(jnp.asarray(x), quant_type=quant_type,
+                                                                         blocksize=blocksize)]
+            for threads in (1, 2):
+                codes, absmax, finite = cpu_nf4.quantize_4bit_host(x, quant_type, blocksize, threads=threads)
+                case = (shape, blocksize, threads)
+                np.testing.assert_array_equal(codes, want[0], err_msg=str(case))
+                assert absmax.tobytes() == want[1].tobytes(), case
+                assert finite and bool(want[2]), case
+
+
+def test_host_quantize_reports_non_finite_and_refuses_what_it_does_not_take():
+    x = np.ones((40, 70), np.float32)
+    for index in [(0, 0), (39, 69), (20, 33)]:
+        for bad in (np.nan, np.inf):
+            y = x.copy()
+            y[index] = bad
+            assert not cpu_nf4.quantize_4bit_host(y, "nf4", 64, threads=2)[2], (index, bad)
+    with pytest.raises(ValueError, match="float32/bfloat16/float16, nf4/fp4 and an even blocksize; got int32"):
+        cpu_nf4.quantize_4bit_host(np.ones(64, np.int32), "nf4", 64)
+    with pytest.raises(ValueError, match="got float32, 'int4', 64"):
+        cpu_nf4.quantize_4bit_host(x, "int4", 64)
+
+
+def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
+    """Eager quantize of a concrete CPU array never runs the XLA first-level program (it would be
+    compiled per weight shape); under jit it does. Placement follows the input's device."""
+    from qlora_jax.quant import _array
+
+    def no_xla(*args, **kwargs):
+        raise AssertionError("the XLA first-level program ran")
+
+    x = jax.random.normal(jax.random.key(0), (96, 160), jnp.float32).astype(jnp.bfloat16)
+    want = qlora_jax.quantize(x)
+    monkeypatch.setattr(_array, "quantize_first_level_checked", no_xla)
+    for arg in (x, np.asarray(x), jax.device_put(x, jax.devices()[-1])):
+        q = qlora_jax.quantize(arg)
+        for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if isinstance(arg, jax.Array):
+            assert q.codes.devices() == arg.devices()
+    stacked = qlora_jax.quantize(jnp.stack([x, -x]), batch_dims=1)
+    np.testing.assert_array_equal(np.asarray(stacked.codes[0]), np.asarray(want.codes))
+    jitted = jax.jit(qlora_jax.quantize)(x)  # traced: the XLA program (quantize_first_level), not the kernel
+    np.testing.assert_array_equal(np.asarray(jitted.codes), np.asarray(want.codes))

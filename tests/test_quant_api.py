@@ -1,5 +1,7 @@
 """The quantization API without the reference library: errors, jit, pytrees, whole trees, storage."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,22 @@ def test_non_finite_rejected_eagerly():
     x[10, 0] = np.inf
     with pytest.raises(ValueError, match=r"2 NaN/inf element\(s\), the first at index \(3, 5\)"):
         qlora_jax.quantize(x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("shape,index,batch_dims", [
+    ((10, 70), (0, 0), 0), ((10, 70), (9, 69), 0),  # 700 elements: the short last block's last one
+    ((7, 9), (6, 8), 0),  # one short block
+    ((3, 10, 70), (1, 9, 65), 1), ((3, 10, 70), (2, 4, 4), 1)])  # stacked: a slice's short last block
+def test_each_non_finite_element_is_found(bad, shape, index, batch_dims):
+    """A single NaN or inf anywhere, a short last block included (whose stored absmax is clamped,
+    so the check reads its elements), is reported with its index."""
+    x = np.asarray(_w(shape, dtype=jnp.float32)).copy()
+    x[index] = bad
+    with pytest.raises(ValueError, match=rf"1 NaN/inf element\(s\), the first at index {re.escape(str(index))}"):
+        qlora_jax.quantize(x, batch_dims=batch_dims)
+    x[index] = 0.5
+    qlora_jax.quantize(x, batch_dims=batch_dims)  # finite: no error
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

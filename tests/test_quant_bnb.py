@@ -296,22 +296,39 @@ def test_our_state_loads_in_bitsandbytes(quant_type):
 def test_subnormal_inputs_flush_on_cpu():
     """A documented platform difference: XLA on CPU flushes subnormal fp32 values to zero.
 
-    bitsandbytes (torch on CPU) keeps them, so an element below 2**-126 in magnitude (or a block
-    whose absmax is) quantizes as a zero here; on GPU XLA keeps subnormals. Normal values, however
-    tiny their block, are exact (test_special_values[tiny]). The stored absmax of an all-zero
-    short last block is bitsandbytes' 1e-38 (a subnormal, only copied, never computed with).
+    bitsandbytes (torch on CPU) keeps them, so under jit on CPU an element below 2**-126 in
+    magnitude (or a block whose absmax is) quantizes as a zero; on GPU XLA keeps subnormals.
+    Eager quantization on CPU runs the native host kernel (``kernels/cpu/quantize.cc``), which keeps
+    them as torch does: there even an all-subnormal block is bitsandbytes' bit for bit. Normal
+    values, however tiny their block, are exact on every path (test_special_values[tiny]). The
+    stored absmax of an all-zero short last block is bitsandbytes' 1e-38.
     """
+    import jax
+
+    from qlora_jax.kernels import cpu_nf4
+
+    quantize_jit = jax.jit(lambda v: qlora_jax.quantize(v, double_quant=False))
     sub = np.float32(1e-40)
     x = np.array([sub, -sub, 0.5, 1.0] * 16, np.float32)  # normal block: subnormals are ~0 anyway
-    q = qlora_jax.quantize(jnp.asarray(x), double_quant=False)
     ref = bnb_quantize(torch.from_numpy(x), "nf4", 64, False)
-    np.testing.assert_array_equal(np.asarray(q.codes), ref["codes"])
+    for q in (qlora_jax.quantize(jnp.asarray(x), double_quant=False), quantize_jit(jnp.asarray(x))):
+        np.testing.assert_array_equal(np.asarray(q.codes), ref["codes"])
     only_sub = np.full(64, 8e-39, np.float32)  # a block made only of subnormals
-    q = qlora_jax.quantize(jnp.asarray(only_sub), double_quant=False)
     ref = bnb_quantize(torch.from_numpy(only_sub), "nf4", 64, False)
-    assert np.all(np.asarray(q.codes) == 0x77)  # the code of 0.0 (7): flushed to zero
     assert np.all(ref["codes"] == 0xEE)  # bitsandbytes: 8e-39 * (1 / 1e-38) = 0.8 -> code 14
-    np.testing.assert_array_equal(np.asarray(q.absmax), [0.0])
     assert ref["absmax"].tobytes() == np.float32(8e-39).tobytes()
+    q = quantize_jit(jnp.asarray(only_sub))
+    assert np.all(np.asarray(q.codes) == 0x77)  # the code of 0.0 (7): flushed to zero
+    np.testing.assert_array_equal(np.asarray(q.absmax), [0.0])
+    q = qlora_jax.quantize(jnp.asarray(only_sub), double_quant=False)
+    if cpu_nf4.available():  # eager: the host kernel, torch's arithmetic
+        np.testing.assert_array_equal(np.asarray(q.codes), ref["codes"])
+        assert np.asarray(q.absmax).tobytes() == ref["absmax"].tobytes()
+        tail = np.full(33, 5e-39, np.float32)  # a short subnormal block: divided by the clamped 1e-38
+        q, ref = qlora_jax.quantize(tail, double_quant=False), bnb_quantize(torch.from_numpy(tail), "nf4", 64, False)
+        np.testing.assert_array_equal(np.asarray(q.codes), ref["codes"])
+        assert np.asarray(q.absmax).tobytes() == ref["absmax"].tobytes()
+    else:  # eager runs the XLA program too
+        assert np.all(np.asarray(q.codes) == 0x77)
     zero_tail = qlora_jax.quantize(jnp.zeros(100), double_quant=False)
     assert np.asarray(zero_tail.absmax).tobytes() == np.array([0.0, 1e-38], np.float32).tobytes()
