@@ -4,7 +4,10 @@
 
 GB/s counts the bytes of the floating-point tensor (input of quantize, output of dequantize).
 Median of --repeats timed runs after a warm-up (compilation excluded); both libraries run in
-this process on the same tensors. Prints a Markdown table for docs/benchmarks.md.
+this process on the same tensors. ``quantize, jit`` is the XLA program (what runs inside a jitted
+function); ``quantize, eager`` is ``quantize`` called on a host array, as checkpoint loading calls
+it (on CPU: the native host kernel for the first level, ``kernels/cpu/quantize.cc``). Prints a
+Markdown table for docs/benchmarks.md.
 """
 
 import argparse
@@ -14,6 +17,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import torch
 
 with warnings.catch_warnings():
@@ -44,9 +48,12 @@ def main():
             q = quant(x)
             deq = jax.jit(qlora_jax.dequantize)
             packed, st = F.quantize_4bit(t, blocksize=64, compress_statistics=dq, quant_type="nf4")
+            host = np.asarray(x)
+            bnb_quantize = lambda: F.quantize_4bit(t, blocksize=64, compress_statistics=dq, quant_type="nf4")  # noqa: E731
             rows = {
-                "quantize": (lambda: jax.block_until_ready(quant(x)),
-                             lambda: F.quantize_4bit(t, blocksize=64, compress_statistics=dq, quant_type="nf4")),
+                "quantize, jit": (lambda: jax.block_until_ready(quant(x)), bnb_quantize),
+                "quantize, eager": (lambda: jax.block_until_ready(qlora_jax.quantize(host, double_quant=dq)),
+                                    bnb_quantize),
                 "dequantize": (lambda: jax.block_until_ready(deq(q)), lambda: F.dequantize_4bit(packed, st)),
             }
             for op, (ours, theirs) in rows.items():
