@@ -258,8 +258,8 @@ def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
         q = qlora_jax.quantize(arg)
         for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        if isinstance(arg, jax.Array):
-            assert q.codes.devices() == arg.devices()
+        if isinstance(arg, jax.Array):  # placed as the XLA program places its result
+            assert q.codes.devices() == arg.devices() and q.codes.committed == arg.committed
     stacked = qlora_jax.quantize(jnp.stack([x, -x]), batch_dims=1)
     np.testing.assert_array_equal(np.asarray(stacked.codes[0]), np.asarray(want.codes))
     jitted = jax.jit(qlora_jax.quantize)(x)  # traced: the XLA program (quantize_first_level), not the kernel

@@ -221,6 +221,8 @@ def _host_first_level(x, quant_type, blocksize, batch_dims):
         device = next(iter(x.devices()))
         if device.platform != "cpu":
             return None
+        if not x.committed:  # placed where the XLA program's result would be: uncommitted, default device
+            device = None
     elif isinstance(x, np.ndarray) and jax.default_backend() == "cpu":
         device = None
     else:
@@ -236,6 +238,7 @@ def _host_first_level(x, quant_type, blocksize, batch_dims):
     absmax = np.stack([m for _, m, _ in slices]).reshape(*batch, -1)
     finite = all(f for _, _, f in slices)
     put = (lambda v: jax.device_put(v, device)) if device is not None else jnp.asarray  # noqa: E731
+    # (an uncommitted x sits on the default device, where jnp.asarray puts the result uncommitted)
     return put(codes), put(absmax), finite
 
 
