@@ -6,9 +6,10 @@ with XLA as FFI custom calls:
 - ``cpu_gemm`` (``cpu/nf4_gemm.cc``): training-sized products in bfloat16, forward (x @ W^T) and
   backward (dy @ W), with AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the
   same bf16 values (``gemm_available()``, ``gemm_isa()``);
-- ``quantize_4bit_host`` (``cpu/quantize.cc``, plain C called through ctypes on host arrays, no
-  XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax), which eager quantization
-  on CPU (checkpoint loading) runs instead of an XLA program compiled per weight shape.
+- ``quantize_4bit_host`` and ``quantize_nested_host`` (``cpu/quantize.cc``, plain C called through
+  ctypes on host arrays, no XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax)
+  and its double quantization, which eager quantization on CPU (checkpoint loading) runs instead
+  of XLA programs compiled per weight shape.
 
 XLA on CPU has no fused 4-bit matmul: the XLA path dequantizes every weight to the compute dtype
 first (a full write and read of a bf16 copy, on every forward and backward). These kernels read the
@@ -143,6 +144,25 @@ def quantize_4bit_host(x: np.ndarray, quant_type: str, blocksize: int, threads: 
     finite = fn(ptr(x), ctypes.c_int(_DTYPE_IDS[x.dtype]), ctypes.c_int64(n), ctypes.c_int(blocksize), ptr(mids),
                 ptr(order), ptr(codes), ptr(absmax), ctypes.c_int(threads))
     return codes, absmax, bool(finite)
+
+
+def quantize_nested_host(absmax: np.ndarray, offset, nested_blocksize: int):
+    """Double quantization of one tensor's fp32 absmax [NB] given its ``offset``, bit for bit as
+    ``quant._core.quantize_nested_flat``: (uint8 codes [NB], fp32 nested absmax [ceil(NB/nb2)])."""
+    from ..quant import _tables
+
+    if not _load():
+        raise RuntimeError(f"the CPU kernel is not available: {_STATE['reason']}")
+    absmax = np.ascontiguousarray(absmax, np.float32).reshape(-1)
+    codes = np.empty(absmax.size, np.uint8)
+    absmax2 = np.empty(-(-absmax.size // nested_blocksize), np.float32)
+    table = np.ascontiguousarray(_tables.DYNAMIC_MAP, np.float32)
+    ptr = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
+    fn = _STATE["lib"].QloraQuantizeNested
+    fn.restype = None
+    fn(ptr(absmax), ctypes.c_int64(absmax.size), ctypes.c_float(np.float32(offset)), ctypes.c_int(nested_blocksize),
+       ptr(table), ptr(codes), ptr(absmax2))
+    return codes, absmax2
 
 
 def available() -> bool:

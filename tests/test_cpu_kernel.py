@@ -243,17 +243,42 @@ def test_host_quantize_reports_non_finite_and_refuses_what_it_does_not_take():
         cpu_nf4.quantize_4bit_host(x, "int4", 64)
 
 
+def test_host_double_quantization_equals_the_xla_program():
+    """quantize_nested_host gives quantize_absmax's nested codes and scales bit for bit: lengths
+    around the nested blocksize, all-equal blocks (absmax2 = 0: code 0), spiky and tiny absmax."""
+    from qlora_jax.quant._array import absmax_offset, quantize_absmax
+
+    rng = np.random.default_rng(0)
+    for nb in [1, 2, 255, 256, 257, 1000, 11008, 90112]:
+        for kind in ("random", "equal", "first block equal", "spiky"):
+            a = (np.abs(rng.standard_normal(nb)) * rng.choice([1e-3, 0.05, 3])).astype(np.float32)
+            if kind == "equal":
+                a[:] = a[0]
+            elif kind == "first block equal":
+                a[:300] = a[0]
+            elif kind == "spiky":
+                a[rng.integers(0, nb, max(1, nb // 50))] *= 100
+            for nested_blocksize in (256, 64):
+                offset = absmax_offset(a)
+                codes, absmax2 = cpu_nf4.quantize_nested_host(a, offset, nested_blocksize)
+                want = quantize_absmax(jnp.asarray(a), offset, nested_blocksize=nested_blocksize)
+                case = (nb, kind, nested_blocksize)
+                np.testing.assert_array_equal(codes, np.asarray(want[0]), err_msg=str(case))
+                assert absmax2.tobytes() == np.asarray(want[1]).tobytes(), case
+
+
 def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
-    """Eager quantize of a concrete CPU array never runs the XLA first-level program (it would be
-    compiled per weight shape); under jit it does. Placement follows the input's device."""
+    """Eager quantize of a concrete CPU array runs no XLA quantization program (they would be
+    compiled per weight shape); under jit they run. Placement follows the input's device."""
     from qlora_jax.quant import _array
 
     def no_xla(*args, **kwargs):
-        raise AssertionError("the XLA first-level program ran")
+        raise AssertionError("an XLA quantization program ran")
 
     x = jax.random.normal(jax.random.key(0), (96, 160), jnp.float32).astype(jnp.bfloat16)
     want = qlora_jax.quantize(x)
     monkeypatch.setattr(_array, "quantize_first_level_checked", no_xla)
+    monkeypatch.setattr(_array, "quantize_absmax", no_xla)
     for arg in (x, np.asarray(x), jax.device_put(x, jax.devices()[-1])):
         q = qlora_jax.quantize(arg)
         for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(want), strict=True):
@@ -262,5 +287,6 @@ def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
             assert q.codes.devices() == arg.devices() and q.codes.committed == arg.committed
     stacked = qlora_jax.quantize(jnp.stack([x, -x]), batch_dims=1)
     np.testing.assert_array_equal(np.asarray(stacked.codes[0]), np.asarray(want.codes))
-    jitted = jax.jit(qlora_jax.quantize)(x)  # traced: the XLA program (quantize_first_level), not the kernel
+    monkeypatch.undo()
+    jitted = jax.jit(qlora_jax.quantize)(x)  # traced: the XLA programs, not the kernels
     np.testing.assert_array_equal(np.asarray(jitted.codes), np.asarray(want.codes))

@@ -163,3 +163,57 @@ extern "C" int QloraQuantize4bit(const void* x, int dtype, int64_t n, int blocks
     if (!v) return 0;
   return 1;
 }
+
+// Double quantization of one tensor's fp32 absmax [nb] given its offset (torch's absmax.mean(),
+// summed by the caller), as qlora_jax.quant._core.quantize_nested_flat: centred = absmax - offset;
+// per block of `nested_blocksize` absmax2 = max |centred|; scaled = clamp(centred * (1 / absmax2),
+// -1, 1) (an all-equal block: 1 / 0, code 0); codes by bitsandbytes' CUDA dQuantize rule on the
+// sorted 256-entry signed dynamic map (a 7-step binary search from pivot 127, then the midpoint
+// comparison on the side of the value).
+namespace {
+
+inline uint8_t dquantize_cuda(float x, const float* code) {
+  int pivot = 127, lower_pivot = 0, upper_pivot = 255;
+  float lower = -1.0f, upper = 1.0f, val = code[pivot];
+  for (int step = 64; step > 0; step /= 2) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += step;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= step;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[255];
+  if (lower_pivot == 0) lower = code[0];
+  if (x > val) return uint8_t(x > (upper + val) * 0.5f ? upper_pivot : pivot);
+  return uint8_t(x < (lower + val) * 0.5f ? lower_pivot : pivot);
+}
+
+}  // namespace
+
+extern "C" void QloraQuantizeNested(const float* absmax, int64_t nb, float offset, int nested_blocksize,
+                                    const float* code, uint8_t* codes, float* absmax2) {
+  for (int64_t start = 0, j = 0; start < nb; start += nested_blocksize, ++j) {
+    const int64_t len = std::min<int64_t>(nested_blocksize, nb - start);
+    float m = 0.0f;
+    for (int64_t i = 0; i < len; ++i) {
+      const float a = std::fabs(absmax[start + i] - offset);
+      m = a > m ? a : m;
+    }
+    absmax2[j] = m;
+    const float r = 1.0f / m;
+    for (int64_t i = 0; i < len; ++i) {
+      float c = (absmax[start + i] - offset) * r;  // 0 * inf = NaN when m == 0: code 0, as on CUDA
+      if (c != c) {
+        codes[start + i] = 0;
+        continue;
+      }
+      c = c < -1.0f ? -1.0f : (c > 1.0f ? 1.0f : c);
+      codes[start + i] = dquantize_cuda(c, code);
+    }
+  }
+}

@@ -210,11 +210,12 @@ def raise_non_finite(x) -> None:
                      f"index {idx}; expected finite weights")
 
 
-def _host_first_level(x, quant_type, blocksize, batch_dims):
-    """``quantize_first_level_checked`` by the native host kernel (``kernels.cpu_nf4``, the same
-    bits, several times faster and compiled once, not per shape), for a concrete array on the CPU:
-    a numpy array where JAX's default backend is the CPU, or a jax array on one CPU device. None
-    where that does not apply (a tracer, an accelerator, a sharded array, no kernel built)."""
+def _host_quantize(x, quant_type, blocksize, nested_blocksize, batch_dims):
+    """``quantize``'s arrays (codes, absmax, nested absmax, offset) by the native host kernels
+    (``kernels.cpu_nf4``: the XLA programs' bits, several times faster, and nothing compiled per
+    weight shape), for a concrete array on the CPU: a numpy array where JAX's default backend is
+    the CPU, or a jax array on one CPU device. None where that does not apply (a tracer, an
+    accelerator, a sharded array, no kernel built): the XLA programs run."""
     if isinstance(x, jax.Array):
         if isinstance(x, jax.core.Tracer) or not x.is_fully_addressable or len(x.devices()) != 1:
             return None
@@ -233,27 +234,35 @@ def _host_first_level(x, quant_type, blocksize, batch_dims):
         return None
     a = np.asarray(x)
     batch = a.shape[:batch_dims]
-    slices = [cpu_nf4.quantize_4bit_host(t, quant_type, blocksize) for t in a.reshape(-1, *a.shape[batch_dims:])]
-    codes = np.stack([c for c, _, _ in slices]).reshape(*batch, -1)
-    absmax = np.stack([m for _, m, _ in slices]).reshape(*batch, -1)
-    finite = all(f for _, _, f in slices)
-    put = (lambda v: jax.device_put(v, device)) if device is not None else jnp.asarray  # noqa: E731
-    # (an uncommitted x sits on the default device, where jnp.asarray puts the result uncommitted)
-    return put(codes), put(absmax), finite
+    parts = []
+    for t in a.reshape(-1, *a.shape[batch_dims:]):
+        codes, absmax, finite = cpu_nf4.quantize_4bit_host(t, quant_type, blocksize)
+        if not finite:
+            raise_non_finite(x)
+        if nested_blocksize is None:
+            parts.append((codes, absmax))
+        else:
+            offset = np.float32(_core.torch_mean(absmax))  # torch's absmax.mean(), on the host
+            parts.append((codes, *cpu_nf4.quantize_nested_host(absmax, offset, nested_blocksize), offset))
+    # an uncommitted x (device None) gives an uncommitted result, as the XLA programs would; a
+    # device_put compiles nothing (jnp.asarray staged one tiny program per shape and dtype)
+    put = lambda v: jax.device_put(v, device)  # noqa: E731
+    out = [put(np.stack(leaf).reshape(batch + np.shape(leaf[0]))) for leaf in zip(*parts)]
+    return tuple(out) if nested_blocksize is not None else (*out, None, None)
 
 
 def _quantize_jit(x, *, quant_type, blocksize, nested_blocksize, batch_dims):
     # two programs, so that a tensor quantized in bands (multi-process loading) runs the same ones
-    host = None if isinstance(x, jax.core.Tracer) else _host_first_level(x, quant_type, blocksize, batch_dims)
-    if host is not None:
-        codes, absmax, finite = host
-    elif isinstance(x, jax.core.Tracer):
+    if isinstance(x, jax.core.Tracer):
         codes, absmax = quantize_first_level(x, quant_type=quant_type, blocksize=blocksize, batch_dims=batch_dims)
     else:
+        host = _host_quantize(x, quant_type, blocksize, nested_blocksize, batch_dims)
+        if host is not None:
+            return host
         codes, absmax, finite = quantize_first_level_checked(x, quant_type=quant_type, blocksize=blocksize,
                                                              batch_dims=batch_dims)
-    if not isinstance(x, jax.core.Tracer) and not bool(finite):  # outside jit an error (see ``quantize``)
-        raise_non_finite(x)
+        if not bool(finite):  # outside jit an error (see ``quantize``)
+            raise_non_finite(x)
     if nested_blocksize is None:
         return codes, absmax, None, None
     # outside jit the offset's cascade sum runs on the host (same bits; see ``_core.torch_sum``),
