@@ -158,10 +158,13 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
                                  mesh)
         elif is_quantized(array):  # stored quantized: used as it is, never requantized
             value = array
+        elif _is_quantized_linear(key, quantization):
+            # already in the model's dtype: quantized straight from the host buffer (on CPU by the
+            # host kernel, with no device copy of the bf16 weight first)
+            same = isinstance(array, np.ndarray) and array.dtype == dtype
+            value = quantize(array if same else jnp.asarray(array).astype(dtype), **quantization.quantize_kwargs())
         else:
             value = jnp.asarray(array).astype(dtype)
-            if _is_quantized_linear(key, quantization):
-                value = quantize(value, **quantization.quantize_kwargs())
         if not partial:
             value = _place(value, key, shardings)
         if scan_layers and layer is not None:
