@@ -1,6 +1,7 @@
-// First-level NF4/FP4 quantization on the host: bitsandbytes' quantize_4bit (its CPU path), step
-// for step as qlora_jax.quant._core.quantize_4bit_flat computes it in XLA, for eager quantize()
-// on CPU (loading a checkpoint). The XLA program runs several passes over the tensor (absmax per
+// NF4/FP4 quantization on the host, for eager quantize() on CPU (loading a checkpoint): the first
+// level, bitsandbytes' quantize_4bit (its CPU path), step for step as
+// qlora_jax.quant._core.quantize_4bit_flat computes it in XLA, and (QloraQuantizeNested, below)
+// the double quantization of its absmax. The XLA program runs several passes over the tensor (absmax per
 // block, then scale, bucketize and pack) at about 3.4 ns an element on two cores, and is compiled
 // once per weight shape; this is one pass per block, with no compile.
 //

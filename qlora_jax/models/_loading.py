@@ -204,8 +204,8 @@ def _read_shards(key: str, reader, dtype, quantization: QuantConfig | None, mesh
     ``quantization``) quantized by this process for its own devices' parts only.
 
     4-bit weights are split along output features in whole absmax blocks, so each band of rows
-    quantizes on its own exactly as inside the whole tensor (``quantize_first_level_checked``, the
-    program ``quantize`` runs first); double
+    quantizes on its own exactly as inside the whole tensor (``quantize_first_level_checked``: the
+    bits ``quantize`` gives); double
     quantization needs every block's absmax (the offset is their mean), so the bands' absmax are
     gathered over the processes (XLA's all-gather, 1/16 of the bf16 bytes) and every process runs
     the same ``quantize_absmax`` on them. The result equals ``quantize`` of the whole tensor bit for

@@ -190,7 +190,7 @@ def quantize_first_level_checked(x, *, quant_type, blocksize, batch_dims=0):
     """``quantize_first_level`` and whether every element of ``x`` is finite, in one program (as
     separate eager ops the check was three more programs to compile per weight shape, a third of a
     small model's load time). A block's absmax is NaN or inf where the block holds one (NaN is
-    propagated explicitly), so the absmax tell, all but a short last block's NaN, whose absmax is
+    propagated explicitly), so the absmax tells, all but a short last block's NaN, whose absmax is
     then stored clamped: its few elements are checked themselves. (``isfinite(x).all()`` was a pass
     of its own over ``x``: a third of the quantization time.)"""
     codes, absmax = quantize_first_level(x, quant_type=quant_type, blocksize=blocksize, batch_dims=batch_dims)
@@ -252,7 +252,8 @@ def _host_quantize(x, quant_type, blocksize, nested_blocksize, batch_dims):
 
 
 def _quantize_jit(x, *, quant_type, blocksize, nested_blocksize, batch_dims):
-    # two programs, so that a tensor quantized in bands (multi-process loading) runs the same ones
+    # the XLA path is two programs (first level, then the absmax), which banded multi-process
+    # loading runs too; eager on CPU the host kernels compute the same bits
     if isinstance(x, jax.core.Tracer):
         codes, absmax = quantize_first_level(x, quant_type=quant_type, blocksize=blocksize, batch_dims=batch_dims)
     else:
