@@ -290,3 +290,6 @@ def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
     monkeypatch.undo()
     jitted = jax.jit(qlora_jax.quantize)(x)  # traced: the XLA programs, not the kernels
     np.testing.assert_array_equal(np.asarray(jitted.codes), np.asarray(want.codes))
+    monkeypatch.setattr(cpu_nf4, "available", lambda: False)  # no kernel built: eager runs the XLA programs
+    for a, b in zip(jax.tree.leaves(qlora_jax.quantize(np.asarray(x))), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
