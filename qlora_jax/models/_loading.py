@@ -158,13 +158,15 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
                                  mesh)
         elif is_quantized(array):  # stored quantized: used as it is, never requantized
             value = array
-        elif _is_quantized_linear(key, quantization):
-            # already in the model's dtype: quantized straight from the host buffer (on CPU by the
-            # host kernel, with no device copy of the bf16 weight first)
-            same = isinstance(array, np.ndarray) and array.dtype == dtype
-            value = quantize(array if same else jnp.asarray(array).astype(dtype), **quantization.quantize_kwargs())
         else:
-            value = jnp.asarray(array).astype(dtype)
+            # already in the model's dtype: a quantized weight is quantized straight from the host
+            # buffer (on CPU by the host kernel, no device copy first), another put as it is (a
+            # device_put compiles nothing; jnp.asarray staged a program per shape)
+            same = isinstance(array, np.ndarray) and array.dtype == dtype
+            if _is_quantized_linear(key, quantization):
+                value = quantize(array if same else jnp.asarray(array).astype(dtype), **quantization.quantize_kwargs())
+            else:
+                value = jax.device_put(array) if same else jnp.asarray(array).astype(dtype)
         if not partial:
             value = _place(value, key, shardings)
         if scan_layers and layer is not None:
