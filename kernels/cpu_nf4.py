@@ -108,6 +108,8 @@ def _load() -> bool:
         if isa:
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemm), platform="cpu")
             _STATE["gemm"] = {2: "avx512_bf16", 1: "avx2"}[isa]
+        lib.QloraQuantize4bit.restype = ctypes.c_int  # the host quantization (plain C, ctypes)
+        lib.QloraQuantizeNested.restype = None
     except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
         _STATE["reason"] = f"{type(e).__name__}: {e}"
         return False
@@ -118,6 +120,16 @@ def _load() -> bool:
 _DTYPE_IDS = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 1, np.dtype(np.float16): 2}
 
 
+def _host_lib():
+    if not _load():
+        raise RuntimeError(f"the CPU kernel is not available: {_STATE['reason']}")
+    return _STATE["lib"]
+
+
+def _ptr(a: np.ndarray | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if a is None else a.ctypes.data)
+
+
 def quantize_4bit_host(x: np.ndarray, quant_type: str, blocksize: int, threads: int | None = None):
     """First-level 4-bit quantization of one host tensor (flattened row-major), bit for bit as
     ``quant._core.quantize_4bit_flat``: (packed codes u8 [ceil(N/2)], fp32 absmax [NB], whether
@@ -125,8 +137,7 @@ def quantize_4bit_host(x: np.ndarray, quant_type: str, blocksize: int, threads: 
     split over ``threads`` (default: the CPUs this process may run on)."""
     from ..quant import _tables
 
-    if not _load():
-        raise RuntimeError(f"the CPU kernel is not available: {_STATE['reason']}")
+    lib = _host_lib()
     x = np.ascontiguousarray(x)
     if x.dtype not in _DTYPE_IDS or quant_type not in ("nf4", "fp4") or blocksize % 2:
         raise ValueError(f"quantize_4bit_host takes float32/bfloat16/float16, nf4/fp4 and an even blocksize; "
@@ -138,11 +149,9 @@ def quantize_4bit_host(x: np.ndarray, quant_type: str, blocksize: int, threads: 
     order = None if quant_type == "nf4" else np.ascontiguousarray(_tables.FP4_ORDER, np.uint8)
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ptr = lambda a: ctypes.c_void_p(a.ctypes.data) if a is not None else ctypes.c_void_p(None)  # noqa: E731
-    fn = _STATE["lib"].QloraQuantize4bit
-    fn.restype = ctypes.c_int
-    finite = fn(ptr(x), ctypes.c_int(_DTYPE_IDS[x.dtype]), ctypes.c_int64(n), ctypes.c_int(blocksize), ptr(mids),
-                ptr(order), ptr(codes), ptr(absmax), ctypes.c_int(threads))
+    finite = lib.QloraQuantize4bit(_ptr(x), ctypes.c_int(_DTYPE_IDS[x.dtype]), ctypes.c_int64(n),
+                                   ctypes.c_int(blocksize), _ptr(mids), _ptr(order), _ptr(codes), _ptr(absmax),
+                                   ctypes.c_int(threads))
     return codes, absmax, bool(finite)
 
 
@@ -151,17 +160,13 @@ def quantize_nested_host(absmax: np.ndarray, offset, nested_blocksize: int):
     ``quant._core.quantize_nested_flat``: (uint8 codes [NB], fp32 nested absmax [ceil(NB/nb2)])."""
     from ..quant import _tables
 
-    if not _load():
-        raise RuntimeError(f"the CPU kernel is not available: {_STATE['reason']}")
+    lib = _host_lib()
     absmax = np.ascontiguousarray(absmax, np.float32).reshape(-1)
     codes = np.empty(absmax.size, np.uint8)
     absmax2 = np.empty(-(-absmax.size // nested_blocksize), np.float32)
     table = np.ascontiguousarray(_tables.DYNAMIC_MAP, np.float32)
-    ptr = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
-    fn = _STATE["lib"].QloraQuantizeNested
-    fn.restype = None
-    fn(ptr(absmax), ctypes.c_int64(absmax.size), ctypes.c_float(np.float32(offset)), ctypes.c_int(nested_blocksize),
-       ptr(table), ptr(codes), ptr(absmax2))
+    lib.QloraQuantizeNested(_ptr(absmax), ctypes.c_int64(absmax.size), ctypes.c_float(np.float32(offset)),
+                            ctypes.c_int(nested_blocksize), _ptr(table), _ptr(codes), _ptr(absmax2))
     return codes, absmax2
 
 

@@ -129,17 +129,18 @@ bool quantize_blocks(const Job& job, int64_t b0, int64_t b1) {
   return finite;
 }
 
-bool quantize_range(const Job& job, int64_t b0, int64_t b1) {
-  // IEEE subnormals as torch computes them: flush-to-zero and denormals-are-zero off in this
-  // thread (a thread inherits its creator's settings; XLA's CPU threads run with both on)
+// IEEE subnormals as torch computes them: flush-to-zero and denormals-are-zero off in this thread
+// while the guard lives (a thread inherits its creator's settings; XLA's CPU threads run with both on)
+struct IeeeSubnormals {
 #if defined(__SSE__)
-  const unsigned csr = _mm_getcsr();
-  _mm_setcsr(csr & ~(0x8000u | 0x0040u));
-  struct Restore {
-    unsigned csr;
-    ~Restore() { _mm_setcsr(csr); }
-  } restore{csr};
+  unsigned csr = _mm_getcsr();
+  IeeeSubnormals() { _mm_setcsr(csr & ~(0x8000u | 0x0040u)); }
+  ~IeeeSubnormals() { _mm_setcsr(csr); }
 #endif
+};
+
+bool quantize_range(const Job& job, int64_t b0, int64_t b1) {
+  IeeeSubnormals ieee;
   switch (job.dtype) {
     case 0: return quantize_blocks<0>(job, b0, b1);
     case 1: return quantize_blocks<1>(job, b0, b1);
@@ -198,6 +199,7 @@ inline uint8_t dquantize_cuda(float x, const float* code) {
 
 extern "C" void QloraQuantizeNested(const float* absmax, int64_t nb, float offset, int nested_blocksize,
                                     const float* code, uint8_t* codes, float* absmax2) {
+  IeeeSubnormals ieee;
   for (int64_t start = 0, j = 0; start < nb; start += nested_blocksize, ++j) {
     const int64_t len = std::min<int64_t>(nested_blocksize, nb - start);
     float m = 0.0f;

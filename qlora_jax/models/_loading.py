@@ -163,10 +163,11 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, quantization: QuantCon
             # buffer (on CPU by the host kernel, no device copy first), another put as it is (a
             # device_put compiles nothing; jnp.asarray staged a program per shape)
             same = isinstance(array, np.ndarray) and array.dtype == dtype
+            value = array if same else jnp.asarray(array).astype(dtype)
             if _is_quantized_linear(key, quantization):
-                value = quantize(array if same else jnp.asarray(array).astype(dtype), **quantization.quantize_kwargs())
+                value = quantize(value, **quantization.quantize_kwargs())
             else:
-                value = jax.device_put(array) if same else jnp.asarray(array).astype(dtype)
+                value = jax.device_put(value)
         if not partial:
             value = _place(value, key, shardings)
         if scan_layers and layer is not None:

@@ -242,7 +242,7 @@ def _host_quantize(x, quant_type, blocksize, nested_blocksize, batch_dims):
         if nested_blocksize is None:
             parts.append((codes, absmax))
         else:
-            offset = np.float32(_core.torch_mean(absmax))  # torch's absmax.mean(), on the host
+            offset = absmax_offset(absmax)
             parts.append((codes, *cpu_nf4.quantize_nested_host(absmax, offset, nested_blocksize), offset))
     # an uncommitted x (device None) gives an uncommitted result, as the XLA programs would; a
     # device_put compiles nothing (jnp.asarray staged one tiny program per shape and dtype)
