@@ -6,6 +6,10 @@ with XLA as FFI custom calls:
 - ``cpu_gemm`` (``cpu/nf4_gemm.cc``): training-sized products in bfloat16, forward (x @ W^T) and
   backward (dy @ W), with AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the
   same bf16 values (``gemm_available()``, ``gemm_isa()``);
+- ``cpu_attention`` and ``cpu_attention_bwd`` (``cpu/attention.cc``): grouped-query attention for
+  training in bfloat16, forward and backward, with AVX-512 BF16 dot products
+  (``attention_available()``): no [S, T] scores or probabilities written to memory or saved for
+  the backward, masked 32-key panels skipped;
 - ``quantize_4bit_host`` and ``quantize_nested_host`` (``cpu/quantize.cc``, plain C called through
   ctypes on host arrays, no XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax)
   and its double quantization, which eager quantization on CPU (checkpoint loading) runs instead
@@ -42,10 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc"))
+SOURCES = tuple(Path(__file__).with_name("cpu") / name
+                for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc", "attention.cc"))
 HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
+ATTENTION_TARGETS = ("qlora_jax_attention_fwd", "qlora_jax_attention_bwd")
 MAX_M = 64  # rows of x the GEMV kernel takes (decode, short prefills); more: the GEMM kernel (bf16) or XLA
 _STATE: dict = {}
 
@@ -97,7 +103,7 @@ def _load() -> bool:
     setting = os.environ.get("QLORA_JAX_CPU_KERNEL")
     if setting not in (None, "", "0", "1", "avx2"):
         raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default) or avx2")
-    _STATE["ok"], _STATE["reason"], _STATE["gemm"] = False, None, None
+    _STATE["ok"], _STATE["reason"], _STATE["gemm"], _STATE["attention"] = False, None, None, False
     if setting == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
         return False
@@ -108,6 +114,10 @@ def _load() -> bool:
         if isa:
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemm), platform="cpu")
             _STATE["gemm"] = {2: "avx512_bf16", 1: "avx2"}[isa]
+        if lib.QloraAttentionSupported():  # AVX-512 BF16
+            for target, fn in zip(ATTENTION_TARGETS, (lib.QloraAttentionFwd, lib.QloraAttentionBwd)):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
+            _STATE["attention"] = True
         lib.QloraQuantize4bit.restype = ctypes.c_int  # the host quantization (plain C, ctypes)
         lib.QloraQuantizeNested.restype = None
     except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
@@ -249,3 +259,66 @@ def reference_cpu_gemv(x2, codes, absmax, table, *, n: int, blocksize: int):
     w = _reference_weight(codes, absmax, table, n, x2.shape[1], blocksize, x2.dtype)
     y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(x2.dtype)
+
+
+def attention_available() -> bool:
+    """Whether the attention kernels are built (they need a CPU with AVX-512 BF16)."""
+    return _load() and _STATE["attention"]
+
+
+def attention_supported(q_shape, k_shape, dtype) -> bool:
+    """Shapes the attention kernels take: bfloat16 q [B, S, H, D] and k, v [B, T, K, D] with H a
+    multiple of K and D even."""
+    return (jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and len(q_shape) == 4 and len(k_shape) == 4
+            and q_shape[0] == k_shape[0] and q_shape[3] == k_shape[3] and q_shape[3] % 2 == 0
+            and q_shape[2] % k_shape[2] == 0)
+
+
+def _attention_check(q, k, v, mask):
+    if not attention_available():
+        raise RuntimeError(f"the CPU attention kernel is not available: {_STATE['reason'] or 'no AVX-512 BF16'}")
+    b, s, _, _ = q.shape
+    if (not attention_supported(q.shape, k.shape, q.dtype) or k.dtype != q.dtype or v.shape != k.shape
+            or v.dtype != q.dtype or mask.shape != (b, s, k.shape[1]) or mask.dtype != q.dtype):
+        raise ValueError(f"cpu_attention takes bfloat16 q [B, S, H, D], k and v [B, T, K, D] (H a multiple of K, D "
+                         f"even) and a bfloat16 mask [B, S, T]; got q {q.dtype}{q.shape}, k {k.dtype}{k.shape}, "
+                         f"v {v.dtype}{v.shape}, mask {mask.dtype}{mask.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def cpu_attention(q, k, v, mask, *, scale: float):
+    """Attention forward: (out [B, S, H, D], stats f32 [B, H, S, 2]) for q [B, S, H, D], k and v
+    [B, T, K, D] and the additive mask [B, S, T], all bfloat16 (``scale``: the scores' factor,
+    used as given). ``stats`` (each row's softmax max and sum) is what ``cpu_attention_bwd`` needs
+    besides the inputs. The arithmetic of ``reference_cpu_attention``."""
+    _attention_check(q, k, v, mask)
+    b, s, h, _ = q.shape
+    call = jax.ffi.ffi_call(ATTENTION_TARGETS[0], (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                                   jax.ShapeDtypeStruct((b, h, s, 2), jnp.float32)),
+                            vmap_method="sequential")
+    return call(q, k, v, mask, scale=np.float32(scale))
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def cpu_attention_bwd(q, k, v, mask, stats, dout, *, scale: float):
+    """Attention backward: (dq, dk, dv) for the forward's inputs, its ``stats`` and ``dout``."""
+    _attention_check(q, k, v, mask)
+    call = jax.ffi.ffi_call(ATTENTION_TARGETS[1], (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                                   jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                                   jax.ShapeDtypeStruct(v.shape, v.dtype)),
+                            vmap_method="sequential")
+    return call(q, k, v, mask, stats.astype(jnp.float32), dout.astype(q.dtype), scale=np.float32(scale))
+
+
+def reference_cpu_attention(q, k, v, mask, *, scale: float):
+    """The pure-jnp twin of ``cpu_attention``'s output: eager transformers' arithmetic (bf16 scores
+    times ``scale``, plus the mask, fp32 softmax rounded to bf16, fp32-accumulated products)."""
+    b, s, h, d = q.shape
+    kh = k.shape[2]
+    f32 = jnp.float32
+    qh = q.reshape(b, s, kh, h // kh, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qh, k, preferred_element_type=f32).astype(q.dtype)
+    scores = scores * jnp.asarray(scale, q.dtype) + mask[:, None, None].astype(q.dtype)
+    probs = jax.nn.softmax(scores.astype(f32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=f32).astype(q.dtype)
+    return out.reshape(b, s, h, d)

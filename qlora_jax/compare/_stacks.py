@@ -270,9 +270,11 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
     cpu_kernel = "built" if cpu_nf4.available() else f"not available: {cpu_nf4.unavailable_reason()}"
     gemm = (f"the native GEMM kernel ({cpu_nf4.gemm_isa()}) above and for dx" if cpu_nf4.gemm_available() else
             "XLA's dequantize + dot above (no GEMM kernel here: neither AVX-512 BF16 nor AVX2)")
+    attention = ("the native attention kernels (AVX-512 BF16)" if cpu_nf4.attention_available() and
+                 dtype == jnp.bfloat16 else "XLA's attention")
     result["configuration"] = (f"from_pretrained(scan_layers={SCAN_LAYERS}), kernel 'auto' (on CPU: the native "
-                               f"GEMV kernel, {cpu_kernel}, for up to {cpu_nf4.MAX_M} rows; {gemm}), "
-                               "optim 'adamw' (on device), one jitted train step")
+                               f"GEMV kernel, {cpu_kernel}, for up to {cpu_nf4.MAX_M} rows; {gemm}; in training "
+                               f"{attention}), optim 'adamw' (on device), one jitted train step")
     if config.load_in_8bit:
         quant = qlora_jax.QuantConfig(load_in_8bit=True)
         result["configuration"] = ("from_pretrained(scan_layers=False), LLM.int8() base (load_in_8bit, threshold "

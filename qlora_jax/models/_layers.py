@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..ops import qmatmul
@@ -66,6 +67,7 @@ class Attention(nnx.Module):
         self.k_proj = Linear(e, self.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, **lin)
         self.v_proj = Linear(e, self.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, **lin)
         self.o_proj = Linear(self.num_heads * d, e, bias=cfg.o_bias, dtype=dtype, rngs=rngs, row_parallel=True, **lin)
+        self.kernel = lin.get("kernel", "auto")  # "auto"/"cpu": the native CPU attention where it runs
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype)
@@ -83,6 +85,9 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None and native_attention_takes(q, k, self.kernel):  # sequence-major, no transposes
+            out = attend_native(q, k.astype(q.dtype), v.astype(q.dtype), bias_BxSxT)
+            return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major [B, K, S, D], as attend takes them
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=2)
@@ -160,6 +165,56 @@ def attend(q_BxSxHxD, k_BxKxTxD, v_BxKxTxD, bias_BxSxT):
     k, v = k_BxKxTxD.astype(q.dtype), v_BxKxTxD.astype(q.dtype)
     out = _attend(q, k, v, jax.lax.stop_gradient(bias_BxSxT))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+
+
+def native_attention_takes(q_BxSxHxD, k_BxTxKxD, kernel: str) -> bool:
+    """Whether ``attend_native`` runs this attention: on CPU with the native kernels built (AVX-512
+    BF16), bfloat16, no mesh in context, ``kernel`` "auto" or "cpu" ("xla" keeps the XLA path)."""
+    if kernel not in ("auto", "cpu") or jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
+        return False
+    from ..kernels import cpu_nf4
+
+    return cpu_nf4.attention_supported(q_BxSxHxD.shape, k_BxTxKxD.shape, q_BxSxHxD.dtype) and \
+        cpu_nf4.attention_available()
+
+
+@jax.custom_vjp
+def _attend_native(q, k, v, bias):
+    from ..kernels import cpu_nf4
+
+    return cpu_nf4.cpu_attention(q, k, v, bias, scale=_scale(q))[0]
+
+
+def _scale(q):
+    return float(np.asarray(q.shape[-1] ** -0.5, jnp.dtype(q.dtype)))  # head_dim**-0.5 in the compute dtype, as attend
+
+
+def _attend_native_fwd(q, k, v, bias):
+    from ..kernels import cpu_nf4
+
+    out, stats = cpu_nf4.cpu_attention(q, k, v, bias, scale=_scale(q))
+    return out, (q, k, v, bias, stats)  # no scores saved: the backward recomputes them
+
+
+def _attend_native_bwd(res, dout):
+    from ..kernels import cpu_nf4
+
+    q, k, v, bias, stats = res
+    dq, dk, dv = cpu_nf4.cpu_attention_bwd(q, k, v, bias, stats, dout, scale=_scale(q))
+    return dq, dk, dv, None
+
+
+_attend_native.defvjp(_attend_native_fwd, _attend_native_bwd)
+
+
+def attend_native(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, bias_BxSxT):
+    """``attend``'s arithmetic (to fp32 summation order and the last bit of exp) in the native CPU
+    kernels (``kernels/cpu/attention.cc``), keys and values sequence-major as the projections make
+    them: no [S, T] scores written or saved, no head-major copies. Callers check
+    ``native_attention_takes`` first."""
+    b, s, _, _ = q_BxSxHxD.shape
+    bias = jnp.broadcast_to(jax.lax.stop_gradient(bias_BxSxT), (b, s, k_BxTxKxD.shape[1])).astype(q_BxSxHxD.dtype)
+    return _attend_native(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, bias)
 
 
 class MLP(nnx.Module):

@@ -12,7 +12,8 @@ Activations are counted buffer by buffer from the program's structure (nothing i
   autodiff saves them into the layer scan's stacks (the fp32 RMSNorm inputs; each adapter's input
   in the adapter dtype and its rank-r projection; the rotated queries and keys and the values;
   the pre-softmax scores [B, heads, S, S] in the activation dtype (the attention's written-out
-  backward recomputes the softmax from them); the gate and up outputs and
+  backward recomputes the softmax from them; the native CPU attention, where it runs, saves the
+  mask [B, S, S] and each row's softmax max and sum instead); the gate and up outputs and
   silu's three intermediates [B, S, intermediate]). With checkpointing (``nothing_saveable``)
   only each layer's input [B, S, hidden] is kept.
 * the working set of the busiest moment, whichever is largest: the backward pass of one layer at
@@ -192,7 +193,20 @@ class _Layer:
     dropout_bits: int  # with checkpointing and dropout: the random bits of the recomputed masks
 
 
-def _layer_buffers(cfg, b: int, s: int, act: int, adapters: list[_Adapter], quantized: bool) -> _Layer:
+def uses_native_attention(model) -> bool:
+    """Whether the model's attention runs in the native CPU kernels here (``models._layers.attend_native``:
+    CPU with AVX-512 BF16, bf16, no mesh, kernel "auto" or "cpu")."""
+    from ..models._layers import Attention, native_attention_takes
+
+    cfg = model.config
+    kernel = next((m.kernel for _, m in nnx.iter_graph(model) if isinstance(m, Attention)), "auto")
+    q = jax.ShapeDtypeStruct((1, 1, cfg.num_attention_heads, cfg.head_dim), model.dtype)
+    k = jax.ShapeDtypeStruct((1, 1, cfg.num_key_value_heads, cfg.head_dim), model.dtype)
+    return native_attention_takes(q, k, kernel)
+
+
+def _layer_buffers(cfg, b: int, s: int, act: int, adapters: list[_Adapter], quantized: bool,
+                   native_attention: bool = False) -> _Layer:
     n = b * s
     e, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     h, k = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -207,6 +221,8 @@ def _layer_buffers(cfg, b: int, s: int, act: int, adapters: list[_Adapter], quan
     # the attention's written-out backward (models._layers._attend) saves the pre-softmax scores in
     # the activation dtype and recomputes the softmax from them
     softmax = scores * act
+    if native_attention:  # the native kernels save the mask [B, S, S] and each row's (max, sum), no scores
+        softmax = b * s * s * act + b * h * s * 2 * _F32
     mlp_inputs = norm + ad.get("mlp_in", 0) + ad.get("mlp_act", 0)
     mlp = mlp_inputs + 5 * n * i * act  # gate and up outputs; silu's output and two sigmoid terms
     # Recomputed inside the backward pass, elementwise residuals are fused into their consumers: the
@@ -231,12 +247,15 @@ def _layer_buffers(cfg, b: int, s: int, act: int, adapters: list[_Adapter], quan
     # dequantized weights.
     attention_work = (scores * (2 * _F32 + 2 * act) + n * (h + 2 * k) * d * act + 2 * n * e * act
                       + dense_attention)
+    if native_attention:  # the kernels' scratch is their own (per thread, a block of rows), not XLA's
+        attention_work -= scores * (2 * _F32 + 2 * act)
     # A dropout mask comes from threefry2x32, whose two uint32 outputs [N, in] its consumers xor
     # and compare: recomputed, they stay live through the layer's backward pass.
     bits = sum(2 * n * a.in_features * 4 for a in adapters if a.dropout)
     return _Layer(saved=attention + softmax + mlp,
                   sliced=softmax + 2 * norm + ad.get("attn_in", 0) + ad.get("attn_out", 0) + ad.get("mlp_in", 0),
-                  rebuilt_attention=attention + softmax, rebuilt_mlp=rebuilt_mlp, probabilities=scores * act,
+                  rebuilt_attention=attention + softmax, rebuilt_mlp=rebuilt_mlp,
+                  probabilities=0 if native_attention else scores * act,
                   mlp_work=mlp_work, attention_work=attention_work, dropout_bits=bits)
 
 
@@ -332,8 +351,10 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
     remat, remat_notes = _checkpointing(model, gradient_checkpointing)
     notes += remat_notes
     adapters = _adapters(model)
+    native = uses_native_attention(model)
     layers = [_layer_buffers(cfg, b, s, act, [a for a in adapters if a.proj != "lm_head"
-                                              and (a.stacked or (a.layer == li and a.layer is not None))], quantized)
+                                              and (a.stacked or (a.layer == li and a.layer is not None))], quantized,
+                              native)
               for li in range(cfg.num_hidden_layers)]
     head = _adapter_residuals([a for a in adapters if a.layer is None and not a.stacked], n, act)
     # Outside the layers: RoPE's cos and sin broadcast over heads [B, S, 1, D] (two uses each), the
