@@ -244,3 +244,33 @@ def test_reversible_merge_and_unmerge(base):
     np.testing.assert_array_equal(np.asarray(model(jnp.asarray(IDS))), before)
     with pytest.raises(ValueError, match="no merged adapter to unmerge"):
         qlora_jax.unmerge_adapters(model)
+
+
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_lora_product_backward_is_autodiffs(adapter_dtype):
+    """The adapter's written-out backward (``_lora_product``: the weight gradients contracted over
+    tokens in the operands' own layout, the input saved in its own dtype) gives autodiff's
+    gradients of ``(x.astype(A.dtype) @ A^T) @ B^T * scaling``, inputs of any leading shape."""
+    from qlora_jax.lora._layers import _lora_product
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    dt = jnp.dtype(adapter_dtype)
+    x = jax.random.normal(keys[0], (2, 24, 96)).astype(jnp.bfloat16)
+    a = (0.1 * jax.random.normal(keys[1], (8, 96))).astype(dt)
+    b = (0.1 * jax.random.normal(keys[2], (160, 8))).astype(dt)
+    g = jax.random.normal(keys[3], (2, 24, 160)).astype(dt)
+
+    def plain(x, a, b):
+        h = x.astype(a.dtype)
+        h = jax.lax.dot_general(h, a, (((2,), (1,)), ((), ())))
+        return jax.lax.dot_general(h, b, (((2,), (1,)), ((), ()))) * 2.0
+
+    y, vjp = jax.vjp(lambda x, a, b: _lora_product(x, a, b, 2.0), x, a, b)
+    y_ref, vjp_ref = jax.vjp(plain, x, a, b)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    tol = 1e-6 if adapter_dtype == "float32" else 2 ** -7
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))

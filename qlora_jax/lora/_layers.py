@@ -3,6 +3,8 @@ a model's linear from outside (model code never learns about LoRA)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -52,13 +54,46 @@ class LoraAdapter(nnx.Module):
         # weight (column-parallel: B's output features; row-parallel: A's input features)
         a = constrain(a, None, "tensor" if row_parallel else None)
         b = constrain(b, None if row_parallel else "tensor", None)
-        h = x.astype(a.dtype)  # PEFT casts the adapter's input to lora_A's dtype
+        h = x
         if self.dropout is not None:
-            h = self.dropout(h)
-        h = jax.lax.dot_general(h, a, (((h.ndim - 1,), (1,)), ((), ())))
-        h = jax.lax.dot_general(h, b, (((h.ndim - 1,), (1,)), ((), ())))
-        h = h * self.scaling
+            h = self.dropout(x.astype(a.dtype))  # PEFT casts the adapter's input to lora_A's dtype
+        h = _lora_product(h, a, b, self.scaling)
         return h if self.layer_mask is None else h * self.layer_mask[...]
+
+
+def _dot(x, y, cx, cy):
+    return jax.lax.dot_general(x, y, (((cx,), (cy,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lora_product(x, a, b, scaling):
+    """``(x @ A^T) @ B^T * scaling`` with x cast to A's dtype first (PEFT's order of operations).
+    Its backward is autodiff's arithmetic with the weight gradients contracted over the tokens of
+    operands in their own layout: dB = (hr^T @ g)^T (a small transpose of [r, out]), dA = dhr^T @ h.
+    Left to autodiff, XLA:CPU wrote g^T [out, tokens] (fp32) element by element before each dB
+    product (0.4 s of a 3.1 s 1b-preset step)."""
+    return _lora_fwd(x, a, b, scaling)[0]
+
+
+def _lora_fwd(x, a, b, scaling):
+    h = x.astype(a.dtype).reshape(-1, x.shape[-1])
+    hr = _dot(h, a, 1, 1)  # [N, r]
+    y = _dot(hr, b, 1, 1) * scaling
+    return y.reshape(*x.shape[:-1], b.shape[0]), (x, a, b, hr)  # the input saved in its own dtype
+
+
+def _lora_bwd(scaling, res, g):
+    x, a, b, hr = res
+    h = x.astype(a.dtype).reshape(-1, x.shape[-1])
+    gs = g.reshape(-1, g.shape[-1]) * scaling  # [N, out]
+    db = _dot(hr, gs, 0, 0).T.astype(b.dtype)  # [r, out] -> [out, r]
+    dhr = _dot(gs, b, 1, 0)  # [N, r]
+    da = _dot(dhr, h, 0, 0).astype(a.dtype)  # [r, in]
+    dx = _dot(dhr, a, 1, 0).astype(x.dtype).reshape(x.shape)
+    return dx, da, db
+
+
+_lora_product.defvjp(_lora_fwd, _lora_bwd)
 
 
 class LoraLinear(nnx.Module):

@@ -10,7 +10,8 @@ Activations are counted buffer by buffer from the program's structure (nothing i
 
 * saved for the backward pass: without gradient checkpointing, each layer's residuals as JAX's
   autodiff saves them into the layer scan's stacks (the fp32 RMSNorm inputs; each adapter's input
-  in the adapter dtype and its rank-r projection; the rotated queries and keys and the values;
+  in the activation dtype (with dropout: its dropped copy in the adapter dtype) and its rank-r
+  projection; the rotated queries and keys and the values;
   the pre-softmax scores [B, heads, S, S] in the activation dtype (the attention's written-out
   backward recomputes the softmax from them; the native CPU attention, where it runs, saves the
   mask [B, S, S] and each row's softmax max and sum instead); the gate and up outputs and
@@ -159,9 +160,10 @@ def _adapters(model) -> list[_Adapter]:
 
 def _adapter_residuals(adapters: list[_Adapter], n: int, act: int) -> dict[str, int]:
     """Bytes the adapters save, by the tensor they read: each adapter's rank-r projection (for dB)
-    and its input in the adapter dtype (for dA). Adapters reading the same tensor share it unless a
-    cast (``x.astype(lora_A.dtype)``, one per adapter) or dropout makes a copy of their own;
-    dropout also keeps its mask."""
+    and its input (for dA). Without dropout the input is saved in its own (activation) dtype and
+    cast to the adapter dtype in the backward (``lora._layers._lora_product``), so adapters reading
+    the same tensor share it; with dropout each keeps its dropped copy in the adapter dtype and
+    the mask."""
     out: dict[str, int] = {}
     shared: dict[str, int] = {}
     for ad in adapters:
@@ -169,10 +171,8 @@ def _adapter_residuals(adapters: list[_Adapter], n: int, act: int) -> dict[str, 
         own = n * ad.rank * ad.itemsize
         if ad.dropout:
             own += n * ad.in_features * (ad.itemsize + 1)
-        elif ad.itemsize != act:
-            own += n * ad.in_features * ad.itemsize
         else:
-            shared[group] = n * ad.in_features * ad.itemsize
+            shared[group] = n * ad.in_features * act
         out[group] = out.get(group, 0) + own
     for group, b in shared.items():
         out[group] = out.get(group, 0) + b
