@@ -172,3 +172,23 @@ def test_a_bf16_train_step_runs_the_kernels_and_matches_the_xla_attention(tmp_pa
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * float(np.abs(b).max()))  # seen: 1%
+
+
+def test_long_sequences_release_their_partials_and_repeat_exactly():
+    # 16 heads x 8192 keys: the backward's fp32 dk/dv partials pass 64 MiB and are freed after the
+    # call; the next call allocates them again and gives the same bits
+    if not HAS_BF16:
+        assert not cpu_nf4.attention_available()
+        return
+    b, s, h, kh, d = 1, 8192, 16, 2, 64
+    keys = jax.random.split(jax.random.key(3), 4)
+    q, w = (jax.random.normal(kk, (b, s, h, d)).astype(BF16) for kk in keys[:2])
+    k, v = (jax.random.normal(kk, (b, s, kh, d)).astype(BF16) for kk in keys[2:])
+    mask = _mask("causal", b, s)
+    out, stats = cpu_nf4.cpu_attention(q, k, v, mask, scale=0.125)
+    first = [np.asarray(x) for x in cpu_nf4.cpu_attention_bwd(q, k, v, mask, stats, w, scale=0.125)]
+    second = [np.asarray(x) for x in cpu_nf4.cpu_attention_bwd(q, k, v, mask, stats, w, scale=0.125)]
+    for a, c in zip(first, second):
+        assert np.isfinite(a.astype(np.float32)).all() and np.array_equal(a, c)
+    # the first query row attends to key 0 alone: its output is v[0] of its key head
+    np.testing.assert_array_equal(np.asarray(out[0, 0]), np.asarray(jnp.repeat(v[0, 0], h // kh, axis=0)))

@@ -485,6 +485,8 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
       }
   };
   qlora_cpu::parallel_parts(pool, dm.b * dm.kh, reduce);
+  // the fp32 partials are G times dk and dv: past 64 MiB (long sequences), not kept between calls
+  if (2 * sizeof(float) * dm.b * dm.h * part > (size_t{64} << 20)) buf.dk = Scratch(), buf.dv = Scratch();
   return ffi::Error::Success();
 }
 
