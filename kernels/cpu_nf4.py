@@ -53,6 +53,9 @@ TARGET = "qlora_jax_nf4_gemv"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
 ATTENTION_TARGETS = ("qlora_jax_attention_fwd", "qlora_jax_attention_bwd")
 MAX_M = 64  # rows of x the GEMV kernel takes (decode, short prefills); more: the GEMM kernel (bf16) or XLA
+# bf16 rows from which the AVX-512 BF16 GEMM kernel runs instead of the GEMV one (measured on Zen 5,
+# a 5632 x 2048 weight: GEMV 1.84 / 2.51 / 6.51 ms at 12 / 16 / 32 rows, GEMM 1.66 / 1.81 / 2.07)
+GEMM_FROM_M = 12
 _STATE: dict = {}
 
 
@@ -206,6 +209,16 @@ def gemm_supported(n: int, k: int, blocksize: int, dtype, *, transpose: bool) ->
     32-element group of a row in one block) and, for the backward, an even N."""
     return (jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and k % 32 == 0 and blocksize % 32 == 0
             and (n % 2 == 0 or not transpose))
+
+
+def gemv_takes(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
+    """Whether the GEMV kernel runs an [m, k] x [n, k]^T product: up to ``MAX_M`` rows of float32
+    or bfloat16, but bfloat16 from ``GEMM_FROM_M`` rows goes to the AVX-512 BF16 GEMM kernel where
+    it takes the weight."""
+    if not supported(m, dtype):
+        return False
+    return m < GEMM_FROM_M or not (gemm_isa() == "avx512_bf16" and gemm_supported(n, k, blocksize, dtype,
+                                                                                 transpose=False))
 
 
 def supported(m: int, dtype) -> bool:

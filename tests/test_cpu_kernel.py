@@ -67,8 +67,13 @@ def test_gemm_is_built_with_the_best_instructions_the_cpu_has():
 
 
 def test_qmatmul_dispatch_and_gradient():
-    x, q = _case(96, 128, 16, "bfloat16")
-    big = jnp.tile(x, (5, 1))  # 80 rows: the GEMM kernel in bf16 (where built), the XLA path in fp32
+    x, q = _case(96, 128, 8, "bfloat16")
+    big = jnp.tile(x, (10, 1))  # 80 rows: the GEMM kernel in bf16 (where built), the XLA path in fp32
+    # 16 rows of bf16: the AVX-512 BF16 GEMM kernel where built (faster from 12 rows), else the GEMV one
+    hlo16rows = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big[:16]).as_text()
+    assert (cpu_nf4.GEMM_TARGET in hlo16rows) == (cpu_nf4.gemm_isa() == "avx512_bf16")
+    assert (cpu_nf4.TARGET in hlo16rows) == (cpu_nf4.gemm_isa() != "avx512_bf16")
+    assert cpu_nf4.TARGET in jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big[:16].astype(jnp.float32)).as_text()
     hlo_small = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(x).as_text()
     hlo_big = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big).as_text()
     hlo_big32 = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big.astype(jnp.float32)).as_text()

@@ -12,7 +12,8 @@ XLA on every platform; ``backend`` does not apply). A 4-bit ``QuantizedArray``:
   jax-triton, GPU only, to compare the two lowering paths; dx through the Pallas dx kernel;
 - ``cpu``: the native CPU kernels (``qlora_jax.kernels.cpu_nf4``, C++ through XLA FFI, built on
   first use), reading the packed codes without writing a dequantized weight: a GEMV for up to 64
-  rows of x (decode, short prefills; float32 or bfloat16), a GEMM with AVX-512 BF16 dot products
+  rows of x (decode, short prefills; float32 or bfloat16; bfloat16 from 12 rows takes the GEMM
+  where it has AVX-512 BF16), a GEMM with AVX-512 BF16 dot products
   (or, on CPUs without them, AVX2 fp32 FMAs of the same bf16 values) for more rows of bfloat16 and
   for dx (K and the blocksize multiples of 32). Anything they do not take (float16, more rows of float32, a mesh in context,
   another platform, a machine where they cannot be built): the XLA path;
@@ -211,7 +212,7 @@ def _qmatmul_cpu(x2, w: QuantizedArray):
     from ..kernels import cpu_nf4
 
     n, k = w.logical_shape
-    if cpu_nf4.supported(x2.shape[0], x2.dtype):  # decode, short prefills: the GEMV kernel
+    if cpu_nf4.gemv_takes(x2.shape[0], n, k, w.blocksize, x2.dtype):  # decode, short prefills: the GEMV kernel
         return cpu_nf4.cpu_gemv(x2, *_cpu_operands(w), n=n, blocksize=w.blocksize)
     return cpu_nf4.cpu_gemm(x2, *_cpu_operands(w), n=n, k=k, blocksize=w.blocksize)
 
