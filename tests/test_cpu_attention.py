@@ -12,13 +12,9 @@ import qlora_jax
 from qlora_jax.kernels import cpu_nf4
 from qlora_jax.models._decoder import attention_bias
 from qlora_jax.models._layers import attend, attend_native, native_attention_takes
+from test_cpu_kernel import _cpu_flags
 
 BF16 = jnp.bfloat16
-
-
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return set(next((line for line in f if line.startswith("flags")), "").split())
 
 
 HAS_BF16 = {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags()

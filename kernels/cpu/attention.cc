@@ -220,12 +220,18 @@ void live_panels(const Operands& o, int64_t b, int64_t r0, int64_t rows, uint8_t
 
 // The block's scores in sc [RB, T32] (fp32 values of the bf16 scores: bf16(bf16(bf16(q . k) *
 // scale) + mask)), -inf past T, for the live panels only.
+// c [rows, T32] (fp32) = x [rows, D] (bf16 rows of q, dout: row stride lda words) . the key panels
+// kp over D, for the live panels only.
+void times_keys(const Dims& dm, const uint32_t* x, int64_t lda, int64_t rows, const uint8_t* live,
+                const uint32_t* kp, float* c) {
+  for (int64_t j = 0; j < dm.panels; ++j)
+    if (live[j]) mm(x, lda, 1, rows, kp + j * dm.d2 * NR, dm.d2, c + j * NR, dm.t32, false);
+}
+
 void scores(const Operands& o, const uint32_t* kpanels, int64_t b, int64_t h, int64_t r0, int64_t rows,
             const uint8_t* live, float* sc) {
   const Dims& dm = o.dm;
-  const uint32_t* qa = reinterpret_cast<const uint32_t*>(o.q_at(b, r0, h));
-  for (int64_t j = 0; j < dm.panels; ++j)
-    if (live[j]) mm(qa, o.q_row() / 2, 1, rows, kpanels + j * dm.d2 * NR, dm.d2, sc + j * NR, dm.t32, false);
+  times_keys(dm, reinterpret_cast<const uint32_t*>(o.q_at(b, r0, h)), o.q_row() / 2, rows, live, kpanels, sc);
   const __m512 scale = _mm512_set1_ps(o.scale), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* m = o.mask + (b * dm.s + r0 + r) * dm.t;
@@ -315,25 +321,26 @@ struct CallBuffers {
   Scratch a, b, c, dk, dv;
 };
 
-ffi::Error check(const Dims& dm, ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
-                 ffi::Span<const int64_t> vd, ffi::Span<const int64_t> md) {
+// The operands of both entry points, their shapes checked (o is set only on success).
+ffi::Error operands(const ffi::Buffer<ffi::BF16>& q, const ffi::Buffer<ffi::BF16>& k, const ffi::Buffer<ffi::BF16>& v,
+                    const ffi::Buffer<ffi::BF16>& mask, float scale, Operands& o) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3)
     return ffi::Error::InvalidArgument("cpu attention: q [B, S, H, D], k and v [B, T, K, D], mask [B, S, T]");
-  if (kd[0] != dm.b || kd[3] != dm.d || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3] ||
-      md[0] != dm.b || md[1] != dm.s || md[2] != dm.t || dm.h % dm.kh != 0 || dm.d % 2 != 0)
+  if (kd[0] != qd[0] || kd[3] != qd[3] || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3] ||
+      md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[1] || kd[2] == 0 || qd[2] % kd[2] != 0 || qd[3] % 2 != 0)
     return ffi::Error::InvalidArgument("cpu attention: shapes do not agree (H a multiple of K, D even)");
+  auto bits = [](const ffi::Buffer<ffi::BF16>& x) { return reinterpret_cast<const uint16_t*>(x.typed_data()); };
+  o = Operands{make_dims(qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]), bits(q), bits(k), bits(v), bits(mask), scale};
   return ffi::Error::Success();
 }
 
 ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
                             ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::BF16> mask, ffi::Result<ffi::Buffer<ffi::BF16>> out,
                             ffi::Result<ffi::Buffer<ffi::F32>> stats, float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  const Dims dm = make_dims(qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]);
-  if (auto e = check(dm, qd, kd, v.dimensions(), mask.dimensions()); e.failure()) return e;
-  const Operands o{dm, reinterpret_cast<const uint16_t*>(q.typed_data()), reinterpret_cast<const uint16_t*>(k.typed_data()),
-                   reinterpret_cast<const uint16_t*>(v.typed_data()), reinterpret_cast<const uint16_t*>(mask.typed_data()),
-                   scale};
+  Operands o{};
+  if (auto e = operands(q, k, v, mask, scale, o); e.failure()) return e;
+  const Dims& dm = o.dm;
   thread_local CallBuffers buf;
   uint32_t* kk = buf.a.get<uint32_t>(dm.b * dm.kh * dm.kpanel_words());
   uint32_t* vv = buf.b.get<uint32_t>(dm.b * dm.kh * dm.vpanel_words());
@@ -368,12 +375,9 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
                             ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::BF16> mask, ffi::Buffer<ffi::F32> stats,
                             ffi::Buffer<ffi::BF16> dout, ffi::Result<ffi::Buffer<ffi::BF16>> dq,
                             ffi::Result<ffi::Buffer<ffi::BF16>> dk, ffi::Result<ffi::Buffer<ffi::BF16>> dv, float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  const Dims dm = make_dims(qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]);
-  if (auto e = check(dm, qd, kd, v.dimensions(), mask.dimensions()); e.failure()) return e;
-  const Operands o{dm, reinterpret_cast<const uint16_t*>(q.typed_data()), reinterpret_cast<const uint16_t*>(k.typed_data()),
-                   reinterpret_cast<const uint16_t*>(v.typed_data()), reinterpret_cast<const uint16_t*>(mask.typed_data()),
-                   scale};
+  Operands o{};
+  if (auto e = operands(q, k, v, mask, scale, o); e.failure()) return e;
+  const Dims& dm = o.dm;
   const uint16_t* go = reinterpret_cast<const uint16_t*>(dout.typed_data());
   const float* st = stats.typed_data();
   thread_local CallBuffers buf;
@@ -414,9 +418,7 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
       scores(o, kk + kvi * dm.kpanel_words(), b, h, r0, rows, live, sc);
       probabilities(dm, rows, live, sc, p16, const_cast<float*>(st) + (bh * dm.s + r0) * 2, 2, true);
       const uint16_t* gq = go + (b * dm.s + r0) * o.q_row() + h * dm.d;  // dout rows of the block
-      const uint32_t* ga = reinterpret_cast<const uint32_t*>(gq);
-      for (int64_t j = 0; j < dm.panels; ++j)
-        if (live[j]) mm(ga, o.q_row() / 2, 1, rows, vkp + j * dm.d2 * NR, dm.d2, dp + j * NR, dm.t32, false);
+      times_keys(dm, reinterpret_cast<const uint32_t*>(gq), o.q_row() / 2, rows, live, vkp, dp);
       for (int64_t r = 0; r < rows; ++r) {  // dscores
         float* prow = sc + r * dm.t32;
         float* drow = dp + r * dm.t32;
