@@ -4,8 +4,9 @@ with XLA as FFI custom calls:
 - ``cpu_gemv`` (``cpu/nf4_gemv.cc``): an NF4/FP4 matrix-vector product for up to ``MAX_M`` rows
   (decode, short prefills), float32 or bfloat16;
 - ``cpu_gemm`` (``cpu/nf4_gemm.cc``): training-sized products in bfloat16, forward (x @ W^T) and
-  backward (dy @ W), with AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the
-  same bf16 values (``gemm_available()``, ``gemm_isa()``);
+  backward (dy @ W), with AMX tiles (Intel Sapphire Rapids and later, where Linux grants them),
+  AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the same bf16 values
+  (``gemm_available()``, ``gemm_isa()``);
 - ``cpu_attention`` and ``cpu_attention_bwd`` (``cpu/attention.cc``): grouped-query attention for
   training in bfloat16, forward and backward, with AVX-512 BF16 dot products
   (``attention_available()``): no [S, T] scores or probabilities written to memory or saved for
@@ -27,7 +28,7 @@ hash of the source, the compiler and the CPU): the installed wheel stays pure Py
 Where it cannot be built (no compiler, no XLA FFI headers) ``available()`` is False, says why in
 ``unavailable_reason()``, and ``qmatmul`` takes the pure-JAX path. ``QLORA_JAX_CPU_KERNEL=0``
 turns it off; ``QLORA_JAX_CPU_KERNEL=avx2`` builds it without AVX-512 (the AVX2 code a CPU without
-AVX-512 runs, for testing it on one with).
+AVX-512 runs, for testing it on one with), ``QLORA_JAX_CPU_KERNEL=avx512`` without AMX (likewise).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ MAX_M = 64  # rows of x the GEMV kernel takes (decode, short prefills); more: th
 # bf16 rows from which the AVX-512 BF16 GEMM kernel runs instead of the GEMV one (measured on Zen 5,
 # a 5632 x 2048 weight: GEMV 1.84 / 2.51 / 6.51 ms at 12 / 16 / 32 rows, GEMM 1.66 / 1.81 / 2.07)
 GEMM_FROM_M = 12
+# ... and from which the AMX one does (Xeon with AMX, 2 cores, 5632 x 2048: GEMV 1.02 / 2.34 ms at
+# 4 / 8 rows, AMX GEMM 1.42 / 1.44)
+AMX_GEMM_FROM_M = 6
 _STATE: dict = {}
 
 
@@ -82,6 +86,8 @@ def _build() -> Path:
     flags = ["-O3", "-march=native", "-ffp-contract=off", "-pthread"]
     if os.environ.get("QLORA_JAX_CPU_KERNEL") == "avx2":
         flags.append("-mno-avx512f")  # every AVX-512 subset off: the AVX2 paths
+    if os.environ.get("QLORA_JAX_CPU_KERNEL") in ("avx2", "avx512"):
+        flags += ["-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]  # no AMX: the AVX-512 BF16 GEMM
     key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + version.encode()
                          + _cpu_signature().encode() + jax.__version__.encode() + " ".join(flags).encode()
                          ).hexdigest()[:16]
@@ -104,8 +110,8 @@ def _load() -> bool:
     if "ok" in _STATE:
         return _STATE["ok"]
     setting = os.environ.get("QLORA_JAX_CPU_KERNEL")
-    if setting not in (None, "", "0", "1", "avx2"):
-        raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default) or avx2")
+    if setting not in (None, "", "0", "1", "avx2", "avx512"):
+        raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default), avx512 or avx2")
     _STATE["ok"], _STATE["reason"], _STATE["gemm"], _STATE["attention"] = False, None, None, False
     if setting == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
@@ -113,10 +119,10 @@ def _load() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemv), platform="cpu")
-        isa = lib.QloraNf4GemmSupported()  # what the CPU has: 2 AVX-512 BF16, 1 AVX2 + FMA, 0 neither
+        isa = lib.QloraNf4GemmSupported()  # what the CPU has: 3 AMX, 2 AVX-512 BF16, 1 AVX2 + FMA, 0 neither
         if isa:
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemm), platform="cpu")
-            _STATE["gemm"] = {2: "avx512_bf16", 1: "avx2"}[isa]
+            _STATE["gemm"] = {3: "amx_bf16", 2: "avx512_bf16", 1: "avx2"}[isa]
         if lib.QloraAttentionSupported():  # AVX-512 BF16
             for target, fn in zip(ATTENTION_TARGETS, (lib.QloraAttentionFwd, lib.QloraAttentionBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
@@ -199,8 +205,9 @@ def gemm_available() -> bool:
 
 
 def gemm_isa() -> str | None:
-    """The instructions the training-sized kernel was built with: ``"avx512_bf16"`` (bf16 dot
-    products), ``"avx2"`` (fp32 FMAs of the bf16 values), or None where it is not available."""
+    """The instructions the training-sized kernel runs: ``"amx_bf16"`` (AMX tiles of bf16 dot
+    products; the weight decoded with AVX-512), ``"avx512_bf16"`` (bf16 dot products), ``"avx2"``
+    (fp32 FMAs of the bf16 values), or None where it is not available."""
     return _STATE["gemm"] if _load() else None
 
 
@@ -213,12 +220,14 @@ def gemm_supported(n: int, k: int, blocksize: int, dtype, *, transpose: bool) ->
 
 def gemv_takes(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
     """Whether the GEMV kernel runs an [m, k] x [n, k]^T product: up to ``MAX_M`` rows of float32
-    or bfloat16, but bfloat16 from ``GEMM_FROM_M`` rows goes to the AVX-512 BF16 GEMM kernel where
-    it takes the weight."""
+    or bfloat16, but bfloat16 from ``GEMM_FROM_M`` rows (``AMX_GEMM_FROM_M`` with AMX) goes to the
+    GEMM kernel where it takes the weight and has bf16 dot products (AVX-512 BF16 or AMX)."""
     if not supported(m, dtype):
         return False
-    return m < GEMM_FROM_M or not (gemm_isa() == "avx512_bf16" and gemm_supported(n, k, blocksize, dtype,
-                                                                                 transpose=False))
+    isa = gemm_isa()
+    if isa not in ("amx_bf16", "avx512_bf16") or not gemm_supported(n, k, blocksize, dtype, transpose=False):
+        return True
+    return m < (AMX_GEMM_FROM_M if isa == "amx_bf16" else GEMM_FROM_M)
 
 
 def supported(m: int, dtype) -> bool:

@@ -3,6 +3,8 @@ every machine this project runs on; a failed build would fail these tests, not s
 its pure-jnp twin and to the XLA path within fp32 summation order, and chosen by qmatmul for
 decode-sized inputs only."""
 
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,9 +61,14 @@ def _cpu_flags() -> set[str]:
         return set(next((line for line in f if line.startswith("flags")), "").split())
 
 
+def _amx_here() -> bool:  # the CPU has AMX BF16 and Linux (5.16 on) hands it out on request
+    release = tuple(int(p) for p in platform.release().split("-")[0].split(".")[:2])
+    return {"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags() and release >= (5, 16)
+
+
 def test_gemm_is_built_with_the_best_instructions_the_cpu_has():
     flags = _cpu_flags()
-    expected = ("avx512_bf16" if {"avx512f", "avx512bw", "avx512_bf16"} <= flags
+    expected = ("amx_bf16" if _amx_here() else "avx512_bf16" if {"avx512f", "avx512bw", "avx512_bf16"} <= flags
                 else "avx2" if {"avx2", "fma"} <= flags else None)
     assert cpu_nf4.gemm_isa() == expected and cpu_nf4.gemm_available() == (expected is not None)
 
@@ -69,11 +76,17 @@ def test_gemm_is_built_with_the_best_instructions_the_cpu_has():
 def test_qmatmul_dispatch_and_gradient():
     x, q = _case(96, 128, 8, "bfloat16")
     big = jnp.tile(x, (10, 1))  # 80 rows: the GEMM kernel in bf16 (where built), the XLA path in fp32
-    # 16 rows of bf16: the AVX-512 BF16 GEMM kernel where built (faster from 12 rows), else the GEMV one
-    hlo16rows = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big[:16]).as_text()
-    assert (cpu_nf4.GEMM_TARGET in hlo16rows) == (cpu_nf4.gemm_isa() == "avx512_bf16")
-    assert (cpu_nf4.TARGET in hlo16rows) == (cpu_nf4.gemm_isa() != "avx512_bf16")
+    # bf16 from GEMM_FROM_M rows (AMX_GEMM_FROM_M with AMX): the GEMM kernel where it has bf16 dot
+    # products, else the GEMV one; float32 always the GEMV one
+    isa = cpu_nf4.gemm_isa()
+    from_m = {"amx_bf16": cpu_nf4.AMX_GEMM_FROM_M, "avx512_bf16": cpu_nf4.GEMM_FROM_M}.get(isa)
+    for rows in (cpu_nf4.AMX_GEMM_FROM_M - 1, cpu_nf4.AMX_GEMM_FROM_M, cpu_nf4.GEMM_FROM_M - 1, cpu_nf4.GEMM_FROM_M, 16):
+        hlo = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big[:rows]).as_text()
+        gemm = from_m is not None and rows >= from_m
+        assert (cpu_nf4.GEMM_TARGET in hlo, cpu_nf4.TARGET in hlo) == (gemm, not gemm), (rows, isa)
+        _close(qmatmul(big[:rows], q, backend="cpu"), qmatmul(big[:rows], q, backend="xla"), "bfloat16")
     assert cpu_nf4.TARGET in jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big[:16].astype(jnp.float32)).as_text()
+    x = x[:cpu_nf4.AMX_GEMM_FROM_M - 1]  # fewer rows than either GEMM kernel takes
     hlo_small = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(x).as_text()
     hlo_big = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big).as_text()
     hlo_big32 = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big.astype(jnp.float32)).as_text()
@@ -102,10 +115,12 @@ def test_qmatmul_dispatch_and_gradient():
 
 # (n, k, m, quant_type, blocksize, double_quant): N with a tail past the 32-column panels (300, 40),
 # M not a multiple of the 12-row tile, K = 1376 (blocks spanning rows), blocksizes 32 / 64 / 128
-# and reductions past the AVX2 path's 2048-element chunks (K = 4160 forward, N = 2090 backward)
+# and reductions past the AVX2 path's 2048-element chunks (K = 4160 forward, N = 2090 backward);
+# for AMX: M a multiple of its 32-row blocks (the input read in place, no tail copied), N = 1376
+# (groups of 10 panels, the last one of 3), backward reductions N not a multiple of 32 (the input copied)
 GEMM_CASES = [(64, 128, 80, "nf4", 64, True), (300, 96, 97, "nf4", 64, True), (512, 1376, 130, "nf4", 64, True),
               (40, 64, 5, "fp4", 32, False), (128, 256, 200, "fp4", 128, True), (1376, 512, 66, "nf4", 64, False),
-              (72, 4160, 13, "nf4", 64, True), (2090, 96, 20, "fp4", 64, False)]
+              (72, 4160, 13, "nf4", 64, True), (2090, 96, 20, "fp4", 64, False), (256, 320, 64, "nf4", 64, True)]
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
@@ -140,20 +155,21 @@ def test_gemm_refuses_what_it_does_not_take():
             cpu_nf4.cpu_gemm(x, *args, n=64, k=96, blocksize=64, transpose=True)  # dy must be [M, n]
 
 
-_AVX2_CHECK = """
+_BUILD_CHECK = """
 import jax, jax.numpy as jnp, numpy as np, qlora_jax
 from qlora_jax.kernels import cpu_nf4
 from qlora_jax.quant._array import dequantize_absmax
 from qlora_jax.quant._tables import CODE_TABLES
 import sys
-avx2 = sys.argv[1] == "1"
-assert cpu_nf4.gemm_isa() == ("avx2" if avx2 else None), cpu_nf4.gemm_isa()
+expected = sys.argv[1] if sys.argv[1] != "none" else None
+gemm = expected is not None
+assert cpu_nf4.gemm_isa() == expected, cpu_nf4.gemm_isa()
 for n, k, m, qt, transpose in [(300, 2080, 97, "nf4", False), (2090, 96, 20, "fp4", True), (72, 192, 1, "nf4", None),
                                (72, 192, 7, "fp4", None)]:
     q = qlora_jax.quantize(jax.random.normal(jax.random.key(0), (n, k)), quant_type=qt)
     x = jax.random.normal(jax.random.key(1), (m, n if transpose else k)).astype(jnp.bfloat16)
     args = (x, q.codes, dequantize_absmax(q), jnp.asarray(CODE_TABLES[qt]))
-    if transpose is not None and not avx2:
+    if transpose is not None and not gemm:
         continue
     if transpose is None:
         got, want = cpu_nf4.cpu_gemv(*args, n=n, blocksize=64), cpu_nf4.reference_cpu_gemv(*args, n=n, blocksize=64)
@@ -166,24 +182,29 @@ print("checked")
 """
 
 
-def test_the_avx2_build_matches_its_twins(tmp_path):
+@pytest.mark.parametrize("setting", ["avx2", "avx512"])
+def test_the_avx2_and_avx512_builds_match_their_twins(tmp_path, setting):
     # QLORA_JAX_CPU_KERNEL=avx2 builds without AVX-512: where the CPU has AVX-512 this is the only
     # run of the AVX2 code (the code an AVX2-only CPU runs); where it has not, the same build again;
-    # without AVX2 (another architecture) no GEMM kernel, the GEMV kernel's scalar code
+    # without AVX2 (another architecture) no GEMM kernel, the GEMV kernel's scalar code.
+    # QLORA_JAX_CPU_KERNEL=avx512 builds without AMX: where the CPU has AMX, the only run of the
+    # AVX-512 BF16 GEMM code
     import os
     import subprocess
     import sys
-    env = dict(os.environ, QLORA_JAX_CPU_KERNEL="avx2", QLORA_JAX_CACHE=str(tmp_path))
-    has_avx2 = "1" if {"avx2", "fma"} <= _cpu_flags() else "0"
-    proc = subprocess.run([sys.executable, "-P", "-c", _AVX2_CHECK, has_avx2], env=env, capture_output=True,
+    env = dict(os.environ, QLORA_JAX_CPU_KERNEL=setting, QLORA_JAX_CACHE=str(tmp_path))
+    flags = _cpu_flags()
+    expected = ("avx512_bf16" if setting == "avx512" and {"avx512f", "avx512bw", "avx512_bf16"} <= flags
+                else "avx2" if {"avx2", "fma"} <= flags else "none")
+    proc = subprocess.run([sys.executable, "-P", "-c", _BUILD_CHECK, expected], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_a_bad_kernel_setting_is_refused(monkeypatch):
     monkeypatch.setattr(cpu_nf4, "_STATE", {})
-    monkeypatch.setenv("QLORA_JAX_CPU_KERNEL", "avx512")
-    with pytest.raises(ValueError, match=r"QLORA_JAX_CPU_KERNEL='avx512': expected 0 \(off\), 1"):
+    monkeypatch.setenv("QLORA_JAX_CPU_KERNEL", "sse4")
+    with pytest.raises(ValueError, match=r"QLORA_JAX_CPU_KERNEL='sse4': expected 0 \(off\), 1"):
         cpu_nf4.available()
     monkeypatch.setattr(cpu_nf4, "_STATE", {})
 

@@ -33,6 +33,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define QLORA_GEMM_ISA 2  // AVX-512 BF16
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define QLORA_GEMM_AMX 1  // and AMX tiles, where Linux grants them (amx_granted)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define QLORA_GEMM_ISA 1  // AVX2 + FMA
@@ -40,9 +45,26 @@
 
 namespace ffi = xla::ffi;
 
-// 2: built with AVX-512 BF16 dot products, 1: with AVX2 fp32 FMAs, 0: not built (the CPU has neither)
+#ifdef QLORA_GEMM_AMX
+// Linux gives a process AMX tile data only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA, 18); a kernel or hypervisor that refuses leaves the AVX-512 BF16 path.
+static bool amx_granted() {
+  static const bool granted = [] {
+    constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023, kXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kReqPerm, kXtiledata) != 0) return false;
+    unsigned long mask = 0;
+    return syscall(SYS_arch_prctl, kGetPerm, &mask) == 0 && (mask >> kXtiledata & 1) != 0;
+  }();
+  return granted;
+}
+#endif
+
+// 3: AMX BF16 tiles (and AVX-512 BF16 for the decoding), 2: AVX-512 BF16 dot products, 1: AVX2
+// fp32 FMAs, 0: not built (the CPU has neither)
 extern "C" int QloraNf4GemmSupported() {
-#ifdef QLORA_GEMM_ISA
+#if defined(QLORA_GEMM_AMX)
+  return amx_granted() ? 3 : 2;
+#elif defined(QLORA_GEMM_ISA)
   return QLORA_GEMM_ISA;
 #else
   return 0;
@@ -117,6 +139,22 @@ inline __m256i round_to_bf16(__m512 v) {  // 16 fp32 -> 16 bf16 (nearest even, N
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
 }
 
+// One row of 32 fp32 sums (columns 0-15 in v0, 16-31 in v1) rounded to bf16 and stored at its first
+// `cols` columns. interleave: the backward's column order (v0 the even columns, v1 the odd ones).
+inline void store_row(__m512 v0, __m512 v1, uint16_t* out, int64_t cols, bool interleave) {
+  if (interleave) {
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512 e = v0;
+    v0 = _mm512_permutex2var_ps(e, lo_idx, v1);
+    v1 = _mm512_permutex2var_ps(e, hi_idx, v1);
+  }
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  _mm256_mask_storeu_epi16(out, m0, round_to_bf16(v0));
+  _mm256_mask_storeu_epi16(out + 16, m1, round_to_bf16(v1));
+}
+
 // The input rearranged per tile of MR rows: word (t, p, r) = the pair p of row t*MR + r (zeros past
 // M), so that a tile reads its input as one sequential stream (12 strided rows of x were 12 streams).
 void pack_input(const uint16_t* x, int64_t m, int64_t pairs, int64_t t, uint32_t* xp) {
@@ -149,19 +187,7 @@ void tile(const uint32_t* xp, const uint32_t* panel, int64_t pairs, uint16_t* ou
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
     }
   }
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
-  for (int r = 0; r < R; ++r) {
-    __m512 v0 = acc[r][0], v1 = acc[r][1];
-    if (interleave) {
-      v0 = _mm512_permutex2var_ps(acc[r][0], lo_idx, acc[r][1]);
-      v1 = _mm512_permutex2var_ps(acc[r][0], hi_idx, acc[r][1]);
-    }
-    _mm256_mask_storeu_epi16(out + r * ldo, m0, round_to_bf16(v0));
-    _mm256_mask_storeu_epi16(out + r * ldo + 16, m1, round_to_bf16(v1));
-  }
+  for (int r = 0; r < R; ++r) store_row(acc[r][0], acc[r][1], out + r * ldo, cols, interleave);
 }
 
 template <int R>
@@ -185,6 +211,192 @@ void panel_product(const Weight& w, const Table& table, int64_t c0, int64_t cols
     tiles_from<MR>(xp + i * pairs * MR, panel, pairs, y + i * MR * ldy + c0, ldy, cols, transpose,
                    std::min<int64_t>(MR, m - i * MR));
 }
+
+#ifdef QLORA_GEMM_AMX
+// AMX: the 32 x 32 output block of 32 input rows and 32 panel columns in four tiles of 16 x 16
+// fp32 sums (tmm0-3), each step of 32 reduction elements loading two tiles of input (tmm4-5: 16 rows
+// of 32 bf16, straight from the row-major input) and two of panel (tmm6-7: 16 bf16 pairs x 16
+// columns, as `tdpbf16ps` takes them) for four tile products. The panel is laid out by tile: block
+// (s, h) of 16 x 16 words = pairs 16s .. 16s+15 of the columns 16h .. 16h+15, 1 KiB contiguous. A
+// thread decodes a group of G panels (up to ~512 KiB: its L2) once, then runs every 32-row block of
+// the input against each: the input is read once a group, not once a panel. `tdpbf16ps` sums each
+// pair's two products into the fp32 sum, as `vdpbf16ps` does (denormal inputs as zero, round to
+// nearest even).
+constexpr int64_t AMX_MR = 32;          // input rows of an output block
+constexpr int64_t AMX_STEP = 32;        // reduction elements a tile step takes (16 pairs)
+constexpr int64_t AMX_BLOCK = 256;      // words of a panel tile (16 pairs x 16 columns)
+constexpr int64_t AMX_GROUP_BYTES = 512 << 10;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void tiles_configure() {  // eight tiles of 16 rows x 64 bytes
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+  _tile_loadconfig(&c);
+}
+
+// r[i] (16 words each) -> r[c] = the words (i, c) for i = 0 .. 15: the 16 x 16 transpose of 32-bit words.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  __m512i u[16];  // u[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i+3
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // the 4 x 4 transpose of 128-bit lanes of u[j], u[4+j], u[8+j], u[12+j]
+    const __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
+// Forward panel: columns = W's rows n0 .. n0+31 (zeros past N), `steps` steps over K. Sixteen rows'
+// 32-element groups decode to 16 words each (a tile's columns), transposed into the tile's rows.
+void amx_pack_forward(const Weight& w, int64_t n0, const Table& table, int64_t steps, uint32_t* panel) {
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t s = 0; s < steps; ++s) {
+      __m512i r[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t row = n0 + 16 * h + j;
+        if (row < w.n) {
+          __m512i even, odd;
+          decode32(w, row, s * AMX_STEP, table, even, odd);
+          r[j] = _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));
+        } else {
+          r[j] = _mm512_setzero_si512();
+        }
+      }
+      transpose16(r);
+      uint32_t* block = panel + (2 * s + h) * AMX_BLOCK;
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(block + 16 * i, r[i]);
+    }
+}
+
+// Backward panel: columns = W's columns k0 .. k0+31 (even ones in the first tile, odd ones in the
+// second), pairs over N (zeros past N, up to `steps` steps).
+void amx_pack_backward(const Weight& w, int64_t k0, const Table& table, int64_t steps, uint32_t* panel) {
+  for (int64_t s = 0; s < steps; ++s) {
+    uint32_t* b0 = panel + 2 * s * AMX_BLOCK;
+    uint32_t* b1 = b0 + AMX_BLOCK;
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t q = 16 * s + i;
+      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+      if (2 * q < w.n) {  // N even: rows 2q and 2q+1
+        __m512i e0, o0, e1, o1;
+        decode32(w, 2 * q, k0, table, e0, o0);
+        decode32(w, 2 * q + 1, k0, table, e1, o1);
+        even = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
+        odd = _mm512_or_si512(o0, _mm512_slli_epi32(o1, 16));
+      }
+      _mm512_store_si512(b0 + 16 * i, even);
+      _mm512_store_si512(b1 + 16 * i, odd);
+    }
+  }
+}
+
+// The 32 x 32 fp32 sums of 32 input rows (x, row stride ldx elements) times one panel over `steps`
+// steps, stored row-major into sums (32 x 32).
+inline void amx_block(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps, float* sums) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t stride = ldx * 2;
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, x + s * AMX_STEP, stride);
+    _tile_loadd(5, x + 16 * ldx + s * AMX_STEP, stride);
+    _tile_loadd(6, panel + 2 * s * AMX_BLOCK, 64);
+    _tile_loadd(7, panel + (2 * s + 1) * AMX_BLOCK, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, sums, 128);
+  _tile_stored(1, sums + 16, 128);
+  _tile_stored(2, sums + 16 * 32, 128);
+  _tile_stored(3, sums + 16 * 32 + 16, 128);
+}
+
+// The input as the tiles read it: rows of a multiple of 32 elements, blocks of 32 rows. `full`
+// blocks straight from `x` (row stride ld), the last partial one from `tail` (32 rows, zeros past M).
+struct AmxInput {
+  const uint16_t* x;
+  const uint16_t* tail;
+  int64_t ld, m, full;
+  const uint16_t* block(int64_t b) const { return b < full ? x + b * AMX_MR * ld : tail; }
+};
+
+// One group of panels: columns c0 .. c0 + 32*g - 1 (the last one cut at cols_total) for every row.
+void amx_group(const Weight& w, const Table& table, int64_t c0, int64_t g, int64_t cols_total, bool transpose,
+               const AmxInput& in, int64_t steps, uint16_t* y) {
+  thread_local qlora_cpu::Scratch panel_buffer;
+  const int64_t panel_words = steps * 2 * AMX_BLOCK;
+  uint32_t* panels = panel_buffer.get<uint32_t>(g * panel_words);
+  alignas(64) float sums[AMX_MR * 32];
+  tiles_configure();
+  for (int64_t j = 0; j < g; ++j) {
+    if (transpose) amx_pack_backward(w, c0 + 32 * j, table, steps, panels + j * panel_words);
+    else amx_pack_forward(w, c0 + 32 * j, table, steps, panels + j * panel_words);
+  }
+  for (int64_t b = 0; b * AMX_MR < in.m; ++b) {
+    const uint16_t* xb = in.block(b);
+    const int64_t rows = std::min<int64_t>(AMX_MR, in.m - b * AMX_MR);
+    for (int64_t j = 0; j < g; ++j) {
+      const int64_t col = c0 + 32 * j, cols = std::min<int64_t>(32, cols_total - col);
+      amx_block(xb, in.ld, panels + j * panel_words, steps, sums);
+      for (int64_t r = 0; r < rows; ++r)
+        store_row(_mm512_load_ps(sums + 32 * r), _mm512_load_ps(sums + 32 * r + 16),
+                  y + (b * AMX_MR + r) * cols_total + col, cols, transpose);
+    }
+  }
+  _tile_release();
+}
+
+// y [M, C] for x [M, R] on AMX: the input read in place where R is a multiple of 32 (its partial
+// last block of rows copied with zeros past M), else copied whole with zero columns to a multiple
+// of 32; groups of panels as large as AMX_GROUP_BYTES allows but at least two a thread (so that a
+// thread finishing early takes another), split over the pool.
+void amx_gemm(ffi::ThreadPool& pool, const Weight& w, const float* t, bool transpose, const uint16_t* x, int64_t m,
+              uint16_t* y) {
+  const int64_t red = transpose ? w.n : w.k, cols_total = transpose ? w.k : w.n;
+  const int64_t steps = (red + AMX_STEP - 1) / AMX_STEP, ld = steps * AMX_STEP;
+  const int64_t blocks = (m + AMX_MR - 1) / AMX_MR;
+  thread_local qlora_cpu::Scratch input_buffer;
+  AmxInput in{x, nullptr, red, m, m / AMX_MR};
+  if (ld != red || in.full < blocks) {
+    const int64_t first = ld != red ? 0 : in.full;  // the rows copied: all of them, or the last block
+    uint16_t* copy = input_buffer.get<uint16_t>((blocks - first) * AMX_MR * ld);
+    std::memset(copy, 0, sizeof(uint16_t) * (blocks - first) * AMX_MR * ld);
+    for (int64_t r = first * AMX_MR; r < m; ++r)
+      std::memcpy(copy + (r - first * AMX_MR) * ld, x + r * red, sizeof(uint16_t) * red);
+    if (ld != red) in = AmxInput{copy, nullptr, ld, m, blocks};
+    else in.tail = copy;
+  }
+  const int64_t panels = (cols_total + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t panel_bytes = steps * 2 * AMX_BLOCK * static_cast<int64_t>(sizeof(uint32_t));
+  const int64_t g = std::max<int64_t>(1, std::min(AMX_GROUP_BYTES / panel_bytes, panels / (2 * threads)));
+  auto work = [&](int64_t i) {
+    amx_group(w, Table(t), i * g * 32, std::min(g, panels - i * g), cols_total, transpose, in, steps, y);
+  };
+  qlora_cpu::parallel_parts(pool, (panels + g - 1) / g, work);
+}
+#endif
 
 #else  // QLORA_GEMM_ISA == 1: AVX2 + FMA, fp32 products of the bf16 values (exact), fp32 sums
 constexpr int64_t NR = 16;   // panel columns (two registers of 8)
@@ -368,6 +580,12 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const float* t = table.typed_data();
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.typed_data());
   uint16_t* yb = reinterpret_cast<uint16_t*>(y->typed_data());
+#ifdef QLORA_GEMM_AMX
+  if (amx_granted()) {
+    amx_gemm(pool, w, t, transpose, xb, m, yb);
+    return ffi::Error::Success();
+  }
+#endif
   const int64_t cols_total = transpose ? k : n, red = transpose ? n : k, steps = red / STEP;
   const int64_t panels = (cols_total + NR - 1) / NR, tiles = (m + MR - 1) / MR;
   // the packed input, in this (calling) thread's buffer: kernels running side by side on other
