@@ -319,3 +319,29 @@ def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
     monkeypatch.setattr(cpu_nf4, "available", lambda: False)  # no kernel built: eager runs the XLA programs
     for a, b in zip(jax.tree.leaves(qlora_jax.quantize(np.asarray(x))), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("n,k,m", [(70, 96, 100), (300, 64, 32), (1030, 512, 45), (4130, 64, 40)])
+def test_dense_gemm_matches_its_twin(n, k, m, transpose):
+    # the LM head's products on AMX: N past the 32-column panels (70, 300, 1030), M with and without
+    # a partial 32-row block, backward reductions N not a multiple of 32 (the input copied) and past
+    # 2048 (4130: chunks, the sums carried)
+    x = jax.random.normal(jax.random.key(1), (m, n if transpose else k)).astype(jnp.bfloat16)
+    w = (0.1 * jax.random.normal(jax.random.key(2), (n, k))).astype(jnp.bfloat16)
+    if not cpu_nf4.dense_gemm_supported(n, k, jnp.bfloat16, transpose=transpose):  # no AMX here: a clear refusal
+        assert cpu_nf4.gemm_isa() != "amx_bf16"
+        with pytest.raises(ValueError, match="on a CPU with AMX"):
+            cpu_nf4.cpu_dense_gemm(x, w, transpose=transpose)
+        return
+    ours = cpu_nf4.cpu_dense_gemm(x, w, transpose=transpose)
+    assert ours.dtype == jnp.bfloat16 and ours.shape == (m, k if transpose else n)
+    _close(ours, cpu_nf4.reference_cpu_dense_gemm(x, w, transpose=transpose), "bfloat16")
+
+
+def test_dense_gemm_refuses_what_it_does_not_take():
+    x = jnp.zeros((8, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"got float32 \(8, 96\)"):
+        cpu_nf4.cpu_dense_gemm(x.astype(jnp.float32), jnp.zeros((64, 96), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"bfloat16 \[64, 80\] weight"):  # K not a multiple of 32
+        cpu_nf4.cpu_dense_gemm(jnp.zeros((8, 80), jnp.bfloat16), jnp.zeros((64, 80), jnp.bfloat16))

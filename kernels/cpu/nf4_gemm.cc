@@ -226,6 +226,10 @@ constexpr int64_t AMX_MR = 32;          // input rows of an output block
 constexpr int64_t AMX_STEP = 32;        // reduction elements a tile step takes (16 pairs)
 constexpr int64_t AMX_BLOCK = 256;      // words of a panel tile (16 pairs x 16 columns)
 constexpr int64_t AMX_GROUP_BYTES = 512 << 10;
+// Reduction steps a panel holds at most (2048 elements: 128 KiB a panel): a longer reduction (the
+// LM head's backward, 32000; down_proj, 5632) runs in chunks with the sums carried, so that groups
+// of panels stay in L2 and the input is read once a group, not once a panel.
+constexpr int64_t AMX_CHUNK_STEPS = 64;
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -265,21 +269,44 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// Forward panel: columns = W's rows n0 .. n0+31 (zeros past N), `steps` steps over K. Sixteen rows'
-// 32-element groups decode to 16 words each (a tile's columns), transposed into the tile's rows.
-void amx_pack_forward(const Weight& w, int64_t n0, const Table& table, int64_t steps, uint32_t* panel) {
+// Where a panel's weights come from: the packed 4-bit weight (decoded as dequantize(w, bf16)
+// rounds it) or a dense bf16 one (the LM head). words(): the 16 bf16 pairs of elements c0 .. c0+31
+// of a row, pair i = elements (2i, 2i+1), the first in the low half; split(): even and odd elements
+// in the low halves of two vectors.
+struct QuantizedRows {
+  const Weight& w;
+  const Table& table;
+  int64_t rows() const { return w.n; }
+  __m512i words(int64_t row, int64_t c0) const {
+    __m512i even, odd;
+    decode32(w, row, c0, table, even, odd);
+    return _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));
+  }
+  void split(int64_t row, int64_t c0, __m512i& even, __m512i& odd) const { decode32(w, row, c0, table, even, odd); }
+};
+
+struct DenseRows {
+  const uint16_t* w;  // [n, k] bf16, row-major
+  int64_t n, k;
+  int64_t rows() const { return n; }
+  __m512i words(int64_t row, int64_t c0) const { return _mm512_loadu_si512(w + row * k + c0); }
+  void split(int64_t row, int64_t c0, __m512i& even, __m512i& odd) const {
+    const __m512i v = words(row, c0);
+    even = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF));
+    odd = _mm512_srli_epi32(v, 16);
+  }
+};
+
+// Forward panel: columns = W's rows n0 .. n0+31 (zeros past N), steps s0 .. s0+steps-1 over K.
+// Sixteen rows' 32-element groups give 16 words each (a tile's columns), transposed into the tile's rows.
+template <typename Rows>
+void amx_pack_forward(const Rows& src, int64_t n0, int64_t s0, int64_t steps, uint32_t* panel) {
   for (int64_t h = 0; h < 2; ++h)
     for (int64_t s = 0; s < steps; ++s) {
       __m512i r[16];
       for (int64_t j = 0; j < 16; ++j) {
         const int64_t row = n0 + 16 * h + j;
-        if (row < w.n) {
-          __m512i even, odd;
-          decode32(w, row, s * AMX_STEP, table, even, odd);
-          r[j] = _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));
-        } else {
-          r[j] = _mm512_setzero_si512();
-        }
+        r[j] = row < src.rows() ? src.words(row, (s0 + s) * AMX_STEP) : _mm512_setzero_si512();
       }
       transpose16(r);
       uint32_t* block = panel + (2 * s + h) * AMX_BLOCK;
@@ -288,18 +315,19 @@ void amx_pack_forward(const Weight& w, int64_t n0, const Table& table, int64_t s
 }
 
 // Backward panel: columns = W's columns k0 .. k0+31 (even ones in the first tile, odd ones in the
-// second), pairs over N (zeros past N, up to `steps` steps).
-void amx_pack_backward(const Weight& w, int64_t k0, const Table& table, int64_t steps, uint32_t* panel) {
+// second), pairs over N (zeros past N), steps s0 .. s0+steps-1.
+template <typename Rows>
+void amx_pack_backward(const Rows& src, int64_t k0, int64_t s0, int64_t steps, uint32_t* panel) {
   for (int64_t s = 0; s < steps; ++s) {
     uint32_t* b0 = panel + 2 * s * AMX_BLOCK;
     uint32_t* b1 = b0 + AMX_BLOCK;
     for (int64_t i = 0; i < 16; ++i) {
-      const int64_t q = 16 * s + i;
+      const int64_t q = 16 * (s0 + s) + i;
       __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-      if (2 * q < w.n) {  // N even: rows 2q and 2q+1
+      if (2 * q < src.rows()) {  // N even: rows 2q and 2q+1
         __m512i e0, o0, e1, o1;
-        decode32(w, 2 * q, k0, table, e0, o0);
-        decode32(w, 2 * q + 1, k0, table, e1, o1);
+        src.split(2 * q, k0, e0, o0);
+        src.split(2 * q + 1, k0, e1, o1);
         even = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
         odd = _mm512_or_si512(o0, _mm512_slli_epi32(o1, 16));
       }
@@ -310,12 +338,20 @@ void amx_pack_backward(const Weight& w, int64_t k0, const Table& table, int64_t 
 }
 
 // The 32 x 32 fp32 sums of 32 input rows (x, row stride ldx elements) times one panel over `steps`
-// steps, stored row-major into sums (32 x 32).
-inline void amx_block(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps, float* sums) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+// steps, stored row-major into sums (32 x 32); `add`: continuing the sums already there (the
+// reduction's previous chunk), in the same order as one pass.
+inline void amx_block(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t steps, float* sums, bool add) {
+  if (add) {
+    _tile_loadd(0, sums, 128);
+    _tile_loadd(1, sums + 16, 128);
+    _tile_loadd(2, sums + 16 * 32, 128);
+    _tile_loadd(3, sums + 16 * 32 + 16, 128);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   const int64_t stride = ldx * 2;
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, x + s * AMX_STEP, stride);
@@ -342,27 +378,38 @@ struct AmxInput {
   const uint16_t* block(int64_t b) const { return b < full ? x + b * AMX_MR * ld : tail; }
 };
 
-// One group of panels: columns c0 .. c0 + 32*g - 1 (the last one cut at cols_total) for every row.
-void amx_group(const Weight& w, const Table& table, int64_t c0, int64_t g, int64_t cols_total, bool transpose,
-               const AmxInput& in, int64_t steps, uint16_t* y) {
-  thread_local qlora_cpu::Scratch panel_buffer;
-  const int64_t panel_words = steps * 2 * AMX_BLOCK;
+// One group of panels: columns c0 .. c0 + 32*g - 1 (the last one cut at cols_total) for every row,
+// the reduction in `chunks` chunks of `chunk` steps (the last one shorter): a chunk's panels
+// decoded, then every 32-row block against each, the fp32 sums of every block carried to the next
+// chunk in `carry` (blocks x g x 32 x 32) where there is more than one.
+template <typename Rows>
+void amx_group(const Rows& src, int64_t c0, int64_t g, int64_t cols_total, bool transpose, const AmxInput& in,
+               int64_t steps, int64_t chunk, uint16_t* y) {
+  thread_local qlora_cpu::Scratch panel_buffer, carry_buffer;
+  const int64_t panel_words = chunk * 2 * AMX_BLOCK, blocks = (in.m + AMX_MR - 1) / AMX_MR;
   uint32_t* panels = panel_buffer.get<uint32_t>(g * panel_words);
-  alignas(64) float sums[AMX_MR * 32];
+  alignas(64) float local[AMX_MR * 32];
+  float* carry = steps > chunk ? carry_buffer.get<float>(blocks * g * AMX_MR * 32) : nullptr;
   tiles_configure();
-  for (int64_t j = 0; j < g; ++j) {
-    if (transpose) amx_pack_backward(w, c0 + 32 * j, table, steps, panels + j * panel_words);
-    else amx_pack_forward(w, c0 + 32 * j, table, steps, panels + j * panel_words);
-  }
-  for (int64_t b = 0; b * AMX_MR < in.m; ++b) {
-    const uint16_t* xb = in.block(b);
-    const int64_t rows = std::min<int64_t>(AMX_MR, in.m - b * AMX_MR);
+  for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
+    const int64_t len = std::min(chunk, steps - s0);
+    const bool last = s0 + len == steps;
     for (int64_t j = 0; j < g; ++j) {
-      const int64_t col = c0 + 32 * j, cols = std::min<int64_t>(32, cols_total - col);
-      amx_block(xb, in.ld, panels + j * panel_words, steps, sums);
-      for (int64_t r = 0; r < rows; ++r)
-        store_row(_mm512_load_ps(sums + 32 * r), _mm512_load_ps(sums + 32 * r + 16),
-                  y + (b * AMX_MR + r) * cols_total + col, cols, transpose);
+      if (transpose) amx_pack_backward(src, c0 + 32 * j, s0, len, panels + j * panel_words);
+      else amx_pack_forward(src, c0 + 32 * j, s0, len, panels + j * panel_words);
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint16_t* xb = in.block(b) + s0 * AMX_STEP;
+      const int64_t rows = std::min<int64_t>(AMX_MR, in.m - b * AMX_MR);
+      for (int64_t j = 0; j < g; ++j) {
+        float* sums = carry ? carry + (b * g + j) * AMX_MR * 32 : local;
+        amx_block(xb, in.ld, panels + j * panel_words, len, sums, s0 > 0);
+        if (!last) continue;
+        const int64_t col = c0 + 32 * j, cols = std::min<int64_t>(32, cols_total - col);
+        for (int64_t r = 0; r < rows; ++r)
+          store_row(_mm512_load_ps(sums + 32 * r), _mm512_load_ps(sums + 32 * r + 16),
+                    y + (b * AMX_MR + r) * cols_total + col, cols, transpose);
+      }
     }
   }
   _tile_release();
@@ -372,9 +419,11 @@ void amx_group(const Weight& w, const Table& table, int64_t c0, int64_t g, int64
 // last block of rows copied with zeros past M), else copied whole with zero columns to a multiple
 // of 32; groups of panels as large as AMX_GROUP_BYTES allows but at least two a thread (so that a
 // thread finishing early takes another), split over the pool.
-void amx_gemm(ffi::ThreadPool& pool, const Weight& w, const float* t, bool transpose, const uint16_t* x, int64_t m,
-              uint16_t* y) {
-  const int64_t red = transpose ? w.n : w.k, cols_total = transpose ? w.k : w.n;
+// make_rows(): this thread's panel source (a decoder holds the table in a register).
+template <typename MakeRows>
+void amx_gemm(ffi::ThreadPool& pool, int64_t n, int64_t k, const MakeRows& make_rows, bool transpose, const uint16_t* x,
+              int64_t m, uint16_t* y) {
+  const int64_t red = transpose ? n : k, cols_total = transpose ? k : n;
   const int64_t steps = (red + AMX_STEP - 1) / AMX_STEP, ld = steps * AMX_STEP;
   const int64_t blocks = (m + AMX_MR - 1) / AMX_MR;
   thread_local qlora_cpu::Scratch input_buffer;
@@ -389,10 +438,13 @@ void amx_gemm(ffi::ThreadPool& pool, const Weight& w, const float* t, bool trans
     else in.tail = copy;
   }
   const int64_t panels = (cols_total + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t panel_bytes = steps * 2 * AMX_BLOCK * static_cast<int64_t>(sizeof(uint32_t));
+  const int64_t chunks = (steps + AMX_CHUNK_STEPS - 1) / AMX_CHUNK_STEPS, chunk = (steps + chunks - 1) / chunks;
+  const int64_t panel_bytes = chunk * 2 * AMX_BLOCK * static_cast<int64_t>(sizeof(uint32_t));
   const int64_t g = std::max<int64_t>(1, std::min(AMX_GROUP_BYTES / panel_bytes, panels / (2 * threads)));
   auto work = [&](int64_t i) {
-    amx_group(w, Table(t), i * g * 32, std::min(g, panels - i * g), cols_total, transpose, in, steps, y);
+    make_rows([&](const auto& src) {
+      amx_group(src, i * g * 32, std::min(g, panels - i * g), cols_total, transpose, in, steps, chunk, y);
+    });
   };
   qlora_cpu::parallel_parts(pool, (panels + g - 1) / g, work);
 }
@@ -582,7 +634,11 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   uint16_t* yb = reinterpret_cast<uint16_t*>(y->typed_data());
 #ifdef QLORA_GEMM_AMX
   if (amx_granted()) {
-    amx_gemm(pool, w, t, transpose, xb, m, yb);
+    auto rows = [&](const auto& run) {
+      const Table table(t);
+      run(QuantizedRows{w, table});
+    };
+    amx_gemm(pool, n, k, rows, transpose, xb, m, yb);
     return ffi::Error::Success();
   }
 #endif
@@ -613,5 +669,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4Gemm, Nf4GemmImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int64_t>("blocksize")
+                                  .Attr<bool>("transpose"));
+#endif
+
+#ifdef QLORA_GEMM_AMX
+namespace {
+// Dense bf16 products on AMX (the LM head and its input gradient), the same blocks as the 4-bit
+// weight's with the panel read from a bf16 weight [N, K]: forward y [M, N] = x [M, K] @ W^T,
+// backward dx [M, K] = dy [M, N] @ W. Needs K a multiple of 32 and, backward, N even.
+ffi::Error DenseGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> weight,
+                         ffi::Result<ffi::Buffer<ffi::BF16>> y, bool transpose) {
+  auto xd = x.dimensions();
+  auto wd = weight.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || wd.size() != 2 || xd[0] != yd[0])
+    return ffi::Error::InvalidArgument("dense_gemm: the input must be [M, R], the weight [N, K], the result [M, C]");
+  const int64_t n = wd[0], k = wd[1];
+  if (xd[1] != (transpose ? n : k) || yd[1] != (transpose ? k : n) || k % 32 != 0 || (transpose && n % 2 != 0))
+    return ffi::Error::InvalidArgument("dense_gemm: shapes do not match, or K is not a multiple of 32 (N odd backward)");
+  if (!amx_granted()) return ffi::Error::Internal("dense_gemm: AMX is not available");
+  const DenseRows src{reinterpret_cast<const uint16_t*>(weight.typed_data()), n, k};
+  auto rows = [&](const auto& run) { run(src); };
+  amx_gemm(pool, n, k, rows, transpose, reinterpret_cast<const uint16_t*>(x.typed_data()), xd[0],
+           reinterpret_cast<uint16_t*>(y->typed_data()));
+  return ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraDenseGemm, DenseGemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<bool>("transpose"));
 #endif

@@ -7,6 +7,10 @@ copy of the head. Here the backward is written out: softmax minus one-hot in fp3
 logits (in the compute dtype: exactly the rounded logits the loss saw), rounded to the compute
 dtype where PyTorch's autograd rounds it, then compute-dtype matmuls with fp32 accumulation. In
 fp32 it is autodiff's arithmetic.
+
+On a CPU with AMX both big products (the logits and dh = g @ W) run on the native AMX kernel
+(``kernels.cpu_nf4.cpu_dense_gemm``: the same fp32 sums rounded to bf16, in another order);
+elsewhere, and under a mesh, XLA's dots.
 """
 
 from __future__ import annotations
@@ -15,8 +19,20 @@ import jax
 import jax.numpy as jnp
 
 
+def _native(h, w, *, transpose: bool) -> bool:
+    """Whether the AMX kernel runs this product of the head (single device, CPU, AMX, bf16)."""
+    from ..kernels import cpu_nf4
+
+    return (jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty and w.dtype == h.dtype
+            and cpu_nf4.dense_gemm_supported(*w.shape, h.dtype, transpose=transpose))
+
+
 def _logits(h, w):
     """[N, V] in the compute dtype (h's): fp32 accumulation, rounded as transformers' logits are."""
+    if _native(h, w, transpose=False):
+        from ..kernels import cpu_nf4
+
+        return cpu_nf4.cpu_dense_gemm(h, w)
     return jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(h.dtype)
 
 
@@ -34,7 +50,12 @@ def _bwd(res, ct):
     onehot = jnp.arange(logits.shape[-1])[None, :] == labels[:, None]
     g = ((p - onehot) * jnp.where(valid, ct, 0.0)[:, None]).astype(h.dtype)
     f32 = jnp.float32
-    dh = jax.lax.dot_general(g, w.astype(h.dtype), (((1,), (0,)), ((), ())), preferred_element_type=f32)
+    if _native(h, w, transpose=True):
+        from ..kernels import cpu_nf4
+
+        dh = cpu_nf4.cpu_dense_gemm(g, w, transpose=True)
+    else:
+        dh = jax.lax.dot_general(g, w.astype(h.dtype), (((1,), (0,)), ((), ())), preferred_element_type=f32)
     dw = jax.lax.dot_general(g, h, (((0,), (0,)), ((), ())), preferred_element_type=f32)  # unused if frozen
     return dh.astype(h.dtype), dw.astype(w.dtype), None, None
 
