@@ -97,13 +97,15 @@ struct Table {
 inline __m512i bf16_bits(__m512 v) { return _mm512_srli_epi32(rounding_bias_added(_mm512_castps_si512(v)), 16); }
 
 // The 32 weights W[row, c0 .. c0+31] (one block, 16 code bytes) as dequantize(w, bf16) rounds them:
-// even elements (high nibbles) in `even`, odd ones in `odd`, bf16 bits in each lane's low half.
+// even elements (high nibbles) in `even`, odd ones in `odd`, bf16 bits in each lane's low half. The
+// 16 table entries are scaled and rounded once (the block's 16 possible weights), then looked up:
+// the same bits as rounding each element's product, in a third of the instructions.
 inline void decode32(const Weight& w, int64_t row, int64_t c0, const Table& table, __m512i& even, __m512i& odd) {
   const int64_t flat = row * w.k + c0;
-  const __m512 s = _mm512_set1_ps(w.scale(flat));
+  const __m512i scaled = bf16_bits(_mm512_mul_ps(table.v, _mm512_set1_ps(w.scale(flat))));
   const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + flat / 2)));
-  even = bf16_bits(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table.v), s));
-  odd = bf16_bits(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)), table.v), s));
+  even = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), scaled);
+  odd = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)), scaled);
 }
 
 // Forward panel: columns = W's rows n0 .. n0+31 (zeros past N), pairs over K.
