@@ -223,16 +223,23 @@ def gemm_supported(n: int, k: int, blocksize: int, dtype, *, transpose: bool) ->
             and (n % 2 == 0 or not transpose))
 
 
+def gemm_from_m() -> int | None:
+    """The rows from which bfloat16 products take the GEMM kernel instead of the GEMV one:
+    ``AMX_GEMM_FROM_M`` with AMX, ``GEMM_FROM_M`` with AVX-512 BF16, None without bf16 dot products
+    (the GEMV kernel up to ``MAX_M`` rows)."""
+    return {"amx_bf16": AMX_GEMM_FROM_M, "avx512_bf16": GEMM_FROM_M}.get(gemm_isa())
+
+
 def gemv_takes(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
     """Whether the GEMV kernel runs an [m, k] x [n, k]^T product: up to ``MAX_M`` rows of float32
-    or bfloat16, but bfloat16 from ``GEMM_FROM_M`` rows (``AMX_GEMM_FROM_M`` with AMX) goes to the
-    GEMM kernel where it takes the weight and has bf16 dot products (AVX-512 BF16 or AMX)."""
+    or bfloat16, but bfloat16 from ``gemm_from_m()`` rows goes to the GEMM kernel where it takes
+    the weight."""
     if not supported(m, dtype):
         return False
-    isa = gemm_isa()
-    if isa not in ("amx_bf16", "avx512_bf16") or not gemm_supported(n, k, blocksize, dtype, transpose=False):
+    from_m = gemm_from_m()
+    if from_m is None or not gemm_supported(n, k, blocksize, dtype, transpose=False):
         return True
-    return m < (AMX_GEMM_FROM_M if isa == "amx_bf16" else GEMM_FROM_M)
+    return m < from_m
 
 
 def supported(m: int, dtype) -> bool:

@@ -80,6 +80,7 @@ def test_qmatmul_dispatch_and_gradient():
     # products, else the GEMV one; float32 always the GEMV one
     isa = cpu_nf4.gemm_isa()
     from_m = {"amx_bf16": cpu_nf4.AMX_GEMM_FROM_M, "avx512_bf16": cpu_nf4.GEMM_FROM_M}.get(isa)
+    assert cpu_nf4.gemm_from_m() == from_m
     for rows in (cpu_nf4.AMX_GEMM_FROM_M - 1, cpu_nf4.AMX_GEMM_FROM_M, cpu_nf4.GEMM_FROM_M - 1, cpu_nf4.GEMM_FROM_M, 16):
         hlo = jax.jit(lambda a: qmatmul(a, q, backend="cpu")).lower(big[:rows]).as_text()
         gemm = from_m is not None and rows >= from_m

@@ -381,7 +381,7 @@ struct AmxInput {
 };
 
 // One group of panels: columns c0 .. c0 + 32*g - 1 (the last one cut at cols_total) for every row,
-// the reduction in `chunks` chunks of `chunk` steps (the last one shorter): a chunk's panels
+// the reduction's `steps` in chunks of `chunk` steps (the last one shorter): a chunk's panels
 // decoded, then every 32-row block against each, the fp32 sums of every block carried to the next
 // chunk in `carry` (blocks x g x 32 x 32) where there is more than one.
 template <typename Rows>

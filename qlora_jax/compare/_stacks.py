@@ -274,7 +274,7 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
                  dtype == jnp.bfloat16 else "XLA's attention")
     if cpu_nf4.gemm_isa() == "amx_bf16" and dtype == jnp.bfloat16:
         attention += " and the LM head's two products on AMX (cpu_dense_gemm)"
-    from_m = {"amx_bf16": cpu_nf4.AMX_GEMM_FROM_M, "avx512_bf16": cpu_nf4.GEMM_FROM_M}.get(cpu_nf4.gemm_isa())
+    from_m = cpu_nf4.gemm_from_m()
     gemv_rows = f"{cpu_nf4.MAX_M} rows" + (f" (bfloat16: {from_m - 1})" if from_m else "")
     result["configuration"] = (f"from_pretrained(scan_layers={SCAN_LAYERS}), kernel 'auto' (on CPU: the native "
                                f"GEMV kernel, {cpu_kernel}, for up to {gemv_rows}; {gemm}; in training "
