@@ -120,23 +120,32 @@ def test_4bit_checkpoint_written_by_us_loads_in_transformers(base, tmp_path):
     assert not (tmp_path / "dense").exists()
 
 
-@pytest.mark.parametrize("threshold", [6.0, 0.5])
-def test_twenty_lora_steps_match_peft_on_bitsandbytes_8bit(base, tmp_path, threshold):
+# the bound on each adapter's difference relative to its update over the 20 steps (docstring)
+@pytest.mark.parametrize("threshold,bound", [(6.0, 0.1), (0.5, 1e-3)])
+def test_twenty_lora_steps_match_peft_on_bitsandbytes_8bit(base, tmp_path, threshold, bound):
     """The same 8-bit base (bitsandbytes' and ours are bit-identical), the same initial adapters and
     batches, AdamW with every knob pinned, float32: per-step losses agree to 1e-4. Reference: PEFT
     on transformers' load_in_8bit model in eval mode, i.e. MatMul8bitLt (module doc). At threshold
     0.5 many activation columns are outliers, so both halves of the decomposition carry the
     gradient.
 
-    From the initial adapters both compute the same gradients (each tensor to 1e-4 in relative
-    norm; seen about 7e-6), so nothing differs systematically. The final adapters agree to a
-    fraction of one Adam step (seen: 0.105 lr; bound 0.25 lr), not to fp32 rounding as on a 4-bit
-    base: LLM.int8() rounds every activation to int8, a discontinuous function. Traced at this
-    test's step 20: one token's normed hidden state has its row absmax one fp32 ulp from a float16
-    rounding midpoint, so torch's and XLA's RMSNorm (an ulp apart) round it to neighbouring float16
-    values; that row's SCA then differs by one float16 ulp and its int8 codes are re-rounded, and
-    the q/k/v gradients move by about 5e-4 relative. Adam's normalised step turns such changes of
-    near-zero components into up to one learning rate (as in the sharded-run test).
+    From the initial adapters both compute the same loss (to 1e-5) and every 8-bit LoRA linear, run
+    on the reference's own input and output gradient, gives the reference's output and gradients to
+    1e-5 (``_same_layers_on_the_reference_activations``; seen 4e-7), so nothing differs
+    systematically.
+
+    The whole model's gradients and the trained adapters do not agree to fp32 rounding as on a
+    4-bit base: LLM.int8() rounds every activation to float16 and then to int8, discontinuous
+    functions. Traced (seed-8 batch, Intel Xeon): the attention output of layer 0 differs by fp32
+    ulps (torch's vectorised kernels order the sums unlike XLA's), 6 of its elements round to
+    neighbouring float16 values, int8 codes flip, and every later gradient moves by ~2e-3
+    relative; with torch's scalar kernels (ATEN_CPU_CAPABILITY=default) fewer flip. Adam's
+    normalised step turns such changes of near-zero components into up to one learning rate each
+    step (one element: 1.9 lr after 20 steps), so the adapters are compared by norm: each tensor's
+    difference against its own update (trained - initial) within ``bound``. Seen at threshold 6:
+    2.7% (torch's AVX-512 and AVX2 kernels), 0.3% (scalar); bound 10%. At 0.5 most columns take the
+    float path, so few activations are rounded to int8: seen 1e-4, bound 1e-3. A systematic error
+    in an 8-bit linear shows in the layer-by-layer check above at 1e-5.
     """
     model = qlora_jax.from_pretrained(base, quantization=QuantConfig(load_in_8bit=True, llm_int8_threshold=threshold))
     config = qlora_jax.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
@@ -145,7 +154,7 @@ def test_twenty_lora_steps_match_peft_on_bitsandbytes_8bit(base, tmp_path, thres
     pm = peft.PeftModel.from_pretrained(_hf_8bit(base, threshold), tmp_path / "init", is_trainable=True)
     pm.eval()
     for seed in (7, 8):
-        _same_gradients_from_our_adapters(model, base, threshold, tmp_path / "init", _batches(1, seed=seed)[0])
+        _same_layers_on_the_reference_activations(model, base, threshold, tmp_path / "init", _batches(1, seed=seed)[0])
     params = [p for p in pm.parameters() if p.requires_grad]
     lr = 1e-3
     torch_opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -175,9 +184,10 @@ def test_twenty_lora_steps_match_peft_on_bitsandbytes_8bit(base, tmp_path, thres
     pm.save_pretrained(tmp_path / "theirs")
     theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
     assert sorted(ours) == sorted(theirs)
-    drift = max(float(np.abs(ours[k] - theirs[k]).max()) for k in theirs)
-    print(f"threshold {threshold}: adapters differ by {drift:.3g} = {drift / lr:.3g} lr")
-    assert drift <= 0.25 * lr
+    init = load_file(tmp_path / "init" / "adapter_model.safetensors")
+    rel = {k: float(np.linalg.norm(ours[k] - theirs[k]) / np.linalg.norm(theirs[k] - init[k])) for k in theirs}
+    print(f"threshold {threshold}: adapters differ by up to {max(rel.values()):.3g} of their update")
+    assert max(rel.values()) <= bound, rel
 
     # merge onto the dequantized 8-bit base, generation through the adapters
     ids = jnp.asarray(IDS[:1, :6])
@@ -191,32 +201,63 @@ def test_twenty_lora_steps_match_peft_on_bitsandbytes_8bit(base, tmp_path, thres
     np.testing.assert_array_equal(np.asarray(trained(ids)), unmerged)
 
 
-def _same_gradients_from_our_adapters(model, base, threshold, adapter_dir, batch):
-    """PEFT (bitsandbytes 8-bit, eval mode) loads our adapters; one gradient on both sides agrees.
-    ``model`` is left as it was."""
+def _same_layers_on_the_reference_activations(model, base, threshold, adapter_dir, batch):
+    """PEFT (bitsandbytes 8-bit, eval mode) loads our adapters and takes one forward and backward
+    step; both give the same loss, and each 8-bit LoRA linear of ours, run on the input and output
+    gradient that the reference's layer saw, gives that layer's output, input gradient and LoRA
+    gradients (the reference's recomputed from the same input). Layer by layer, so one activation
+    rounded differently upstream (module doc) changes nothing here. ``model`` is left as it was."""
     pm = peft.PeftModel.from_pretrained(_hf_8bit(base, threshold), adapter_dir, is_trainable=True)
     pm.eval()
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen[name] = [args[0].detach().clone(), None]
+            out.register_hook(lambda g: seen[name].__setitem__(1, g.detach().clone()))
+        return hook
+
+    layers = {n: m for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.bnb.Linear8bitLt)}
+    assert len(layers) == 7 * 2
+    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
     out = pm(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
              labels=torch.tensor(batch["labels"]))
     out.loss.backward()
-    theirs = {n.replace(".default", ""): p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    for h in hooks:
+        h.remove()
     split = split_model(model)
-    before = jax.tree.map(np.array, split.trainable)
-    step = make_train_step(split.graphdef, optax.sgd(1.0))  # one SGD step of lr 1: the gradient
-    copies = jax.tree.map(jnp.array, before)  # the step donates its inputs
-    after, rngs, _, metrics = step(copies, jax.tree.map(jnp.copy, split.rngs), split.frozen,
-                                   optax.sgd(1.0).init(copies), _stack([batch]))
+    step = make_train_step(split.graphdef, optax.sgd(0.0))
+    copies = jax.tree.map(jnp.array, split.trainable)  # the step donates its inputs
+    _, _, _, metrics = step(copies, jax.tree.map(jnp.copy, split.rngs), split.frozen,
+                            optax.sgd(0.0).init(copies), _stack([batch]))
     assert float(metrics["loss"]) == pytest.approx(out.loss.item(), rel=1e-5)
-    grads = jax.tree.map(lambda a, b: jnp.asarray(a - np.asarray(b)), before, after)
-    qlora_jax.save_adapter(qlora_jax.train.update_model(model, grads, rngs), adapter_dir.parent / "grads")
-    qlora_jax.train.update_model(model, jax.tree.map(jnp.asarray, before), split.rngs)  # as it was
-    from safetensors.numpy import load_file
 
-    ours = load_file(adapter_dir.parent / "grads" / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(theirs)
-    rel = {k: float(np.linalg.norm(ours[k] - theirs[k]) / np.linalg.norm(theirs[k])) for k in theirs}
-    print(f"gradients from the same adapters: relative difference up to {max(rel.values()):.3g}")
-    assert max(rel.values()) <= 1e-4, rel
+    # the same base and adapters with the layers unstacked, to take one linear at a time
+    flat = qlora_jax.from_pretrained(base, quantization=QuantConfig(load_in_8bit=True, llm_int8_threshold=threshold),
+                                     scan_layers=False)
+    qlora_jax.load_adapter(flat, adapter_dir)
+    worst = 0.0
+    for name, module in layers.items():
+        x, dy = seen[name]
+        x = x.requires_grad_()
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        y = module(x)
+        dx, da, db = torch.autograd.grad(y, (x, a, b), dy)
+        theirs = [t.numpy() for t in (y.detach(), dx, da, db)]
+        i, rest = name.split("layers.")[1].split(".", 1)
+        ours_layer = flat.layers[int(i)]
+        for attr in rest.split("."):
+            ours_layer = getattr(ours_layer, attr)
+        graph, lora, other = nnx.split(ours_layer, qlora_jax.lora.LoraParam, ...)
+        yo, vjp = jax.vjp(lambda p, x: nnx.merge(graph, p, other)(x), lora, jnp.asarray(x.detach().numpy()))
+        dlora, dxo = vjp(jnp.asarray(dy.numpy()))
+        ad = dlora["lora"]["default"]
+        ours = [np.asarray(t) for t in (yo, dxo, ad["lora_A"][...], ad["lora_B"][...])]
+        for what, o, t in zip(("output", "input gradient", "lora_A gradient", "lora_B gradient"), ours, theirs):
+            rel = float(np.linalg.norm(o - t) / np.linalg.norm(t))
+            assert rel <= 1e-5, (name, what, rel)
+            worst = max(worst, rel)
+    print(f"8-bit LoRA linears on the reference's activations: relative difference up to {worst:.3g}")
 
 
 def test_quant_config_bad_input():
