@@ -55,6 +55,9 @@ def _generate(graphdef, state, input_ids, attention_mask, key, *, max_new_tokens
     total = p + max_new_tokens
     kv_mask = jnp.concatenate([attention_mask, jnp.ones((b, max_new_tokens), attention_mask.dtype)], axis=1)
     positions = position_ids_from_mask(attention_mask)
+    # the first new token's position: one past the prompt's last real token (padding after it, if
+    # a prompt has any, counts on in ``positions`` and is not taken)
+    next_pos = jnp.max(jnp.where(attention_mask > 0, positions, -1), axis=-1) + 1
     logits, cache = model.forward(input_ids, positions, kv_mask, model.init_cache(b, total), 0)
     sequences = jnp.concatenate([input_ids, jnp.full((b, max_new_tokens), pad_token_id, input_ids.dtype)], axis=1)
     eos_ids = jnp.asarray(eos if eos else (-1,), input_ids.dtype)
@@ -80,7 +83,7 @@ def _generate(graphdef, state, input_ids, attention_mask, key, *, max_new_tokens
         i, *_, finished, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(finished)
 
-    init = (jnp.int32(0), sequences, logits[:, -1], cache, positions[:, -1] + 1, jnp.zeros((b,), bool), key, state)
+    init = (jnp.int32(0), sequences, logits[:, -1], cache, next_pos, jnp.zeros((b,), bool), key, state)
     return jax.lax.while_loop(cond, step, init)[1]
 
 

@@ -91,3 +91,7 @@ def test_positions_from_padding_masks_and_packed_segment_ids():
     ref = np.cumsum(masks[:3], axis=1) - 1
     assert (pos[:3][masks[:3] > 0] == ref[masks[:3] > 0]).all()
     assert pos[3].tolist()[:5] == [0, 1, 0, 1, 2] and pos[4].tolist()[:4] == [0, 0, 0, 1]
+    # padding: 0 before the first token, counting on after a token (a right-padded row: arange,
+    # transformers' forward without positions)
+    assert pos.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0, 1, 1, 2, 3, 3],
+                            [0, 1, 0, 1, 2, 3], [0, 0, 0, 1, 2, 3]]

@@ -35,8 +35,11 @@ def _policy(gradient_checkpointing):
 def position_ids_from_mask(attention_mask_BxS):
     """Positions from a mask of 0 (padding) / 1 (tokens), or of segment ids (0 = padding, 1..k =
     examples packed into one row): each token's index among the earlier tokens of its own segment,
-    so positions restart with every packed example. Padding gets 0 or its run's index; a 0/1 mask
-    gives ``cumsum(mask) - 1`` on its tokens, as transformers. O(S): no [S, S] comparison."""
+    so positions restart with every packed example; a 0/1 mask gives ``cumsum(mask) - 1`` on its
+    tokens, as transformers. Padding before the first token gets 0; padding after a token counts
+    on from that token's position, so a right-padded row gets ``arange``, as transformers'
+    forward given no positions (the padded rows' hidden states then match the reference's too,
+    which LLM.int8()'s outlier columns, taken over every row, see). O(S): no [S, S] comparison."""
     seg = jnp.asarray(attention_mask_BxS).astype(jnp.int32)
     b, s = seg.shape
     real = seg > 0
@@ -48,7 +51,8 @@ def position_ids_from_mask(attention_mask_BxS):
     prev_seg = jnp.where(prev_last >= 0, jnp.take_along_axis(seg, jnp.maximum(prev_last, 0), axis=1), 0)
     starts = real & (seg != prev_seg)
     base = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)  # tokens before the segment began
-    return jnp.maximum(count - 1 - base, 0)
+    pos = jnp.maximum(count - 1 - base, 0)  # padding: the position of the last token before it
+    return jnp.where(real | (last < 0), pos, pos + idx - last)
 
 
 def attention_bias(kv_mask_BxT, q_index_S, window, dtype):
