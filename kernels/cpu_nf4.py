@@ -30,7 +30,9 @@ hash of the source, the compiler and the CPU): the installed wheel stays pure Py
 Where it cannot be built (no compiler, no XLA FFI headers) ``available()`` is False, says why in
 ``unavailable_reason()``, and ``qmatmul`` takes the pure-JAX path. ``QLORA_JAX_CPU_KERNEL=0``
 turns it off; ``QLORA_JAX_CPU_KERNEL=avx2`` builds it without AVX-512 (the AVX2 code a CPU without
-AVX-512 runs, for testing it on one with), ``QLORA_JAX_CPU_KERNEL=avx512`` without AMX (likewise).
+AVX-512 runs, for testing it on one with), ``QLORA_JAX_CPU_KERNEL=avx512`` without AMX (likewise),
+``QLORA_JAX_CPU_KERNEL=avx512f`` without AVX-512 BF16 either (AVX-512's fp32 paths; no GEMM or
+attention kernel of AVX-512 then: the AVX2 GEMM).
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def _build() -> Path:
     flags = ["-O3", "-march=native", "-ffp-contract=off", "-pthread"]
     if os.environ.get("QLORA_JAX_CPU_KERNEL") == "avx2":
         flags.append("-mno-avx512f")  # every AVX-512 subset off: the AVX2 paths
-    if os.environ.get("QLORA_JAX_CPU_KERNEL") in ("avx2", "avx512"):
+    if os.environ.get("QLORA_JAX_CPU_KERNEL") == "avx512f":
+        flags.append("-mno-avx512bf16")  # AVX-512 without its bf16 dot products
+    if os.environ.get("QLORA_JAX_CPU_KERNEL") in ("avx2", "avx512", "avx512f"):
         flags += ["-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]  # no AMX: the AVX-512 BF16 GEMM
     key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + version.encode()
                          + _cpu_signature().encode() + jax.__version__.encode() + " ".join(flags).encode()
@@ -113,8 +117,9 @@ def _load() -> bool:
     if "ok" in _STATE:
         return _STATE["ok"]
     setting = os.environ.get("QLORA_JAX_CPU_KERNEL")
-    if setting not in (None, "", "0", "1", "avx2", "avx512"):
-        raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default), avx512 or avx2")
+    if setting not in (None, "", "0", "1", "avx2", "avx512", "avx512f"):
+        raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default), avx512, avx512f "
+                         "or avx2")
     _STATE["ok"], _STATE["reason"], _STATE["gemm"], _STATE["attention"] = False, None, None, False
     if setting == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"

@@ -29,9 +29,11 @@ def _case(n, k, m, dtype, quant_type="nf4", blocksize=64, double_quant=True, see
     return x, q
 
 
-# shapes: the vector path (K a multiple of 32) and the element-by-element one (K = 70, 1376 with
-# blocks spanning rows), 1..64 rows (tiles of 16), NF4 and FP4, double quantization on and off
-CASES = [(64, 128, 1, "float32", "nf4", 64, True), (300, 96, 3, "bfloat16", "nf4", 64, True),
+# shapes: the vector path (K a multiple of 32; bf16 with K and blocksize multiples of 64: the
+# AVX-512 BF16 path, tiles of 8, 4, 2 and 1 rows) and the element-by-element one (K = 70, 1376 with
+# blocks spanning rows), 1..64 rows, NF4 and FP4, double quantization on and off
+CASES = [(96, 2048, 7, "bfloat16", "nf4", 64, True), (64, 2048, 1, "bfloat16", "fp4", 256, False),
+         (64, 128, 1, "float32", "nf4", 64, True), (300, 96, 3, "bfloat16", "nf4", 64, True),
          (512, 1376, 1, "bfloat16", "nf4", 64, True), (33, 70, 2, "float32", "fp4", 64, False),
          (128, 256, 16, "bfloat16", "fp4", 128, True), (40, 64, 5, "float32", "nf4", 32, False),
          (72, 192, 40, "bfloat16", "nf4", 64, True), (24, 70, 64, "float32", "nf4", 64, True)]
@@ -183,13 +185,14 @@ print("checked")
 """
 
 
-@pytest.mark.parametrize("setting", ["avx2", "avx512"])
+@pytest.mark.parametrize("setting", ["avx2", "avx512f", "avx512"])
 def test_the_avx2_and_avx512_builds_match_their_twins(tmp_path, setting):
     # QLORA_JAX_CPU_KERNEL=avx2 builds without AVX-512: where the CPU has AVX-512 this is the only
     # run of the AVX2 code (the code an AVX2-only CPU runs); where it has not, the same build again;
     # without AVX2 (another architecture) no GEMM kernel, the GEMV kernel's scalar code.
     # QLORA_JAX_CPU_KERNEL=avx512 builds without AMX: where the CPU has AMX, the only run of the
-    # AVX-512 BF16 GEMM code
+    # AVX-512 BF16 GEMM code. QLORA_JAX_CPU_KERNEL=avx512f builds without AVX-512 BF16 too: where
+    # the CPU has it, the only run of the GEMV kernel's AVX-512 fp32 code on bf16 x
     import os
     import subprocess
     import sys
