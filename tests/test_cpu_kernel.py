@@ -326,11 +326,12 @@ def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("n,k,m", [(70, 96, 100), (300, 64, 32), (1030, 512, 45), (4130, 64, 40)])
+@pytest.mark.parametrize("n,k,m", [(70, 96, 100), (300, 64, 32), (1030, 512, 45), (4130, 64, 40), (1030, 512, 1),
+                                   (70, 96, 3)])
 def test_dense_gemm_matches_its_twin(n, k, m, transpose):
     # the LM head's products on AMX: N past the 32-column panels (70, 300, 1030), M with and without
-    # a partial 32-row block, backward reductions N not a multiple of 32 (the input copied) and past
-    # 2048 (4130: chunks, the sums carried)
+    # a partial 32-row block and decode's few rows, backward reductions N not a multiple of 32 (the
+    # input copied) and past 2048 (4130: chunks, the sums carried)
     x = jax.random.normal(jax.random.key(1), (m, n if transpose else k)).astype(jnp.bfloat16)
     w = (0.1 * jax.random.normal(jax.random.key(2), (n, k))).astype(jnp.bfloat16)
     if not cpu_nf4.dense_gemm_supported(n, k, jnp.bfloat16, transpose=transpose):  # no AMX here: a clear refusal
@@ -341,6 +342,28 @@ def test_dense_gemm_matches_its_twin(n, k, m, transpose):
     ours = cpu_nf4.cpu_dense_gemm(x, w, transpose=transpose)
     assert ours.dtype == jnp.bfloat16 and ours.shape == (m, k if transpose else n)
     _close(ours, cpu_nf4.reference_cpu_dense_gemm(x, w, transpose=transpose), "bfloat16")
+
+
+def test_a_dense_product_of_few_rows_runs_on_the_kernel_with_autodiffs_gradient():
+    # decode's LM head: up to DENSE_KERNEL_ROWS rows of bf16 x against a dense bf16 weight take the
+    # AMX kernel (XLA's one-row dot is slow on CPU), not more rows, not backend="xla"; gradients
+    # are the XLA product's
+    from qlora_jax.ops import _qmatmul
+
+    w = (0.1 * jax.random.normal(jax.random.key(2), (1030, 512))).astype(jnp.bfloat16)
+    for shape, backend, native in [((1, 1, 512), "auto", True), ((2, 2, 512), "auto", True),
+                                   ((1, 5, 512), "auto", False), ((1, 1, 512), "xla", False)]:
+        x = jax.random.normal(jax.random.key(1), shape).astype(jnp.bfloat16)
+        hlo = jax.jit(lambda a, b: qmatmul(a, b, backend=backend)).lower(x, w).as_text()
+        assert (cpu_nf4.DENSE_GEMM_TARGET in hlo) == (native and _amx_here()), (shape, backend)
+        ours = qmatmul(x, w, backend=backend)
+        assert ours.shape == (*shape[:-1], 1030) and ours.dtype == jnp.bfloat16
+        _close(ours.reshape(-1, 1030), _qmatmul._dot_t(x, w).reshape(-1, 1030), "bfloat16")
+        dy = jax.random.normal(jax.random.key(3), ours.shape).astype(jnp.bfloat16)
+        got = jax.vjp(lambda a, b: qmatmul(a, b, backend=backend), x, w)[1](dy)
+        want = jax.vjp(_qmatmul._dot_t, x, w)[1](dy)
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e, np.float32))
 
 
 def test_dense_gemm_refuses_what_it_does_not_take():
