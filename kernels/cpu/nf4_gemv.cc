@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 #include <algorithm>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 #include "common.h"
@@ -61,6 +62,30 @@ void rows_scalar(const float* x, int64_t m, int64_t k, const uint8_t* codes, con
       for (int64_t i = 0; i < m; ++i) acc[i] += x[i * k + c] * w;
     }
     for (int64_t i = 0; i < m; ++i) y[i * n + r] = acc[i];
+  }
+}
+
+// Every row r in [n0, n1) of W against the m rows of x, in tiles of MaxMT (8 or 4), 4, 2 and 1
+// rows of x: tile(mt, x's first row of the tile, r's codes, r * k, out) with mt a
+// std::integral_constant (the tile's row count, a compile-time constant of the tile kernels).
+template <int MaxMT, typename X, typename Tile>
+inline void tiled_rows(const X* xs, int64_t m, int64_t k, const uint8_t* codes, int64_t n0, int64_t n1, float* y,
+                       int64_t n, Tile&& tile) {
+  for (int64_t r = n0; r < n1; ++r) {
+    const uint8_t* row_codes = codes + (r * k) / 2;
+    for (int64_t i0 = 0; i0 < m;) {
+      const int64_t left = m - i0;
+      auto run = [&](auto mt) {
+        tile(mt, xs + i0 * k, row_codes, r * k, y + i0 * n + r);
+        i0 += decltype(mt)::value;
+      };
+      if constexpr (MaxMT >= 8) {
+        if (left >= 8) { run(std::integral_constant<int, 8>{}); continue; }
+      }
+      if (left >= 4) run(std::integral_constant<int, 4>{});
+      else if (left >= 2) run(std::integral_constant<int, 2>{});
+      else run(std::integral_constant<int, 1>{});
+    }
   }
 }
 
@@ -115,19 +140,9 @@ void rows_avx512(const float* xs, int64_t m, int64_t k, const uint8_t* codes, co
                  int64_t n) {
   const __m512 tab = _mm512_loadu_ps(table);
   const int64_t bs_shift = (blocksize & (blocksize - 1)) == 0 ? __builtin_ctzll(blocksize) : -1;
-  for (int64_t r = n0; r < n1; ++r) {
-    const uint8_t* row_codes = codes + (r * k) / 2;
-    const int64_t row_flat = r * k;
-    for (int64_t i0 = 0; i0 < m;) {
-      const int64_t left = m - i0;
-      const float* xt = xs + i0 * k;
-      float* out = y + i0 * n + r;
-      if (left >= 8) { tile_avx512<8>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab, out, n); i0 += 8; }
-      else if (left >= 4) { tile_avx512<4>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab, out, n); i0 += 4; }
-      else if (left >= 2) { tile_avx512<2>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab, out, n); i0 += 2; }
-      else { tile_avx512<1>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab, out, n); i0 += 1; }
-    }
-  }
+  tiled_rows<8>(xs, m, k, codes, n0, n1, y, n, [&](auto mt, const float* xt, const uint8_t* rc, int64_t flat, float* out) {
+    tile_avx512<decltype(mt)::value>(xt, k, rc, absmax, flat, bs_shift, blocksize, bf16, tab, out, n);
+  });
 }
 #endif
 
@@ -177,19 +192,9 @@ void rows_bf16(const uint16_t* xs, int64_t m, int64_t k, const uint8_t* codes, c
                const float* table, int64_t blocksize, int64_t n0, int64_t n1, float* y, int64_t n) {
   const __m512 tab = _mm512_loadu_ps(table);
   const int64_t bs_shift = (blocksize & (blocksize - 1)) == 0 ? __builtin_ctzll(blocksize) : -1;
-  for (int64_t r = n0; r < n1; ++r) {
-    const uint8_t* row_codes = codes + (r * k) / 2;
-    const int64_t row_flat = r * k;
-    for (int64_t i0 = 0; i0 < m;) {
-      const int64_t left = m - i0;
-      const uint16_t* xt = xs + i0 * k;
-      float* out = y + i0 * n + r;
-      if (left >= 8) { tile_bf16<8>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, tab, out, n); i0 += 8; }
-      else if (left >= 4) { tile_bf16<4>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, tab, out, n); i0 += 4; }
-      else if (left >= 2) { tile_bf16<2>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, tab, out, n); i0 += 2; }
-      else { tile_bf16<1>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, tab, out, n); i0 += 1; }
-    }
-  }
+  tiled_rows<8>(xs, m, k, codes, n0, n1, y, n, [&](auto mt, const uint16_t* xt, const uint8_t* rc, int64_t flat, float* out) {
+    tile_bf16<decltype(mt)::value>(xt, k, rc, absmax, flat, bs_shift, blocksize, tab, out, n);
+  });
 }
 #endif
 
@@ -244,18 +249,9 @@ void rows_avx2(const float* xs, int64_t m, int64_t k, const uint8_t* codes, cons
                const float* table, int64_t blocksize, bool bf16, int64_t n0, int64_t n1, float* y, int64_t n) {
   const __m256 tab_lo = _mm256_loadu_ps(table), tab_hi = _mm256_loadu_ps(table + 8);
   const int64_t bs_shift = (blocksize & (blocksize - 1)) == 0 ? __builtin_ctzll(blocksize) : -1;
-  for (int64_t r = n0; r < n1; ++r) {
-    const uint8_t* row_codes = codes + (r * k) / 2;
-    const int64_t row_flat = r * k;
-    for (int64_t i0 = 0; i0 < m;) {
-      const int64_t left = m - i0;
-      const float* xt = xs + i0 * k;
-      float* out = y + i0 * n + r;
-      if (left >= 4) { tile_avx2<4>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab_lo, tab_hi, out, n); i0 += 4; }
-      else if (left >= 2) { tile_avx2<2>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab_lo, tab_hi, out, n); i0 += 2; }
-      else { tile_avx2<1>(xt, k, row_codes, absmax, row_flat, bs_shift, blocksize, bf16, tab_lo, tab_hi, out, n); i0 += 1; }
-    }
-  }
+  tiled_rows<4>(xs, m, k, codes, n0, n1, y, n, [&](auto mt, const float* xt, const uint8_t* rc, int64_t flat, float* out) {
+    tile_avx2<decltype(mt)::value>(xt, k, rc, absmax, flat, bs_shift, blocksize, bf16, tab_lo, tab_hi, out, n);
+  });
 }
 #endif
 
