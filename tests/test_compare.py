@@ -183,3 +183,19 @@ def test_offset_in_torch_thread_order_matches_bitsandbytes_on_threads():
             np.testing.assert_array_equal(np.asarray(ours.codes), np.asarray(theirs.codes))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_tiny_preset_qwix_in_bfloat16_generates(tmp_path):
+    """Qwix's decode in bfloat16, where qlora_jax's dense few-row products would take the AMX kernel:
+    Qwix's quantized weights are not arrays, so its own intercepted dot must run (a regression: its
+    generation failed with a TypeError in the kernel's call)."""
+    env = dict(os.environ, QLORA_JAX_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_torch.py"), "--preset", "tiny", "--steps",
+                           "3", "--stacks", "qwix", "--output-dir", str(out)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads((out / "comparison.json").read_text())["qwix"]
+    assert r["errors"] == {}, (r["errors"], r.get("tracebacks"))
+    assert len(r["gen_tokens"]) == 64 and r["gen_tokens_per_s"] > 0

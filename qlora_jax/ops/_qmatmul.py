@@ -60,7 +60,9 @@ def _dense_kernel_takes(x, w) -> bool:
     from ..kernels import cpu_nf4
 
     rows = math.prod(x.shape[:-1])
-    return (rows <= DENSE_KERNEL_ROWS and x.dtype == w.dtype and jax.default_backend() == "cpu"
+    # only arrays: a wrapper that intercepts jax.lax.dot_general (Qwix's quantized weights) keeps its dot
+    return (isinstance(x, jax.Array) and isinstance(w, jax.Array) and rows <= DENSE_KERNEL_ROWS
+            and x.dtype == w.dtype and jax.default_backend() == "cpu"
             and jax.sharding.get_abstract_mesh().empty
             and cpu_nf4.dense_gemm_supported(*w.shape, x.dtype, transpose=False))
 
