@@ -1,6 +1,6 @@
 """Ops whose backward is written out for the CPU's fast matmul path (compute-dtype operands, fp32
 accumulation): the LM head + cross-entropy (``ops.linear_cross_entropy_sum``) and attention
-(``models._layers.attend``). In fp32 they must equal autodiff of the plain formulas; in bf16 they
+(``models._layers.attend``), and RMSNorm (its row sums as a batched dot). In fp32 they must equal autodiff of the plain formulas; in bf16 they
 round where PyTorch's autograd rounds, so they agree with autodiff to bf16 precision."""
 
 import jax
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import qlora_jax
-from qlora_jax.models._layers import attend
+from qlora_jax.models._layers import RMSNorm, attend
 from qlora_jax.ops import linear_cross_entropy_sum
 from qlora_jax.train import causal_lm_loss_sum
 
@@ -76,6 +77,40 @@ def _exact_attend(q, k, v, bias):
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return np.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h, d)
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 2048), (3, 5, 96)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rms_norm_gradients_are_autodiffs(dtype, shape):
+    """RMSNorm's input and weight gradients against autodiff of transformers' formula: equal up to
+    the fp32 summation order of the row sums (fp32: 1e-6; bf16: the same fp32 values rounded, so a
+    bf16 ulp where a value sits on a rounding boundary, nowhere more)."""
+    k = jax.random.split(jax.random.key(1), 3)
+    x = (jax.random.normal(k[0], shape) * 3).astype(dtype)
+    g = jax.random.normal(k[2], shape).astype(dtype)
+    norm = RMSNorm(shape[-1], 1e-5, dtype=dtype)
+    norm.weight[...] = (1 + 0.3 * jax.random.normal(k[1], shape[-1:])).astype(dtype)
+    w = norm.weight[...]
+
+    def plain(x, w):
+        x32 = x.astype(jnp.float32)
+        return w * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)).astype(x.dtype)
+
+    graphdef, state = nnx.split(norm)
+
+    def ours(x, w):
+        return nnx.merge(graphdef, jax.tree.map(lambda _: w, state))(x)
+
+    y0, (dx0, dw0) = plain(x, w), jax.vjp(plain, x, w)[1](g)
+    y1, (dx1, dw1) = ours(x, w), jax.vjp(ours, x, w)[1](g)
+    assert jnp.array_equal(y0, y1)
+    for a, b in ((dx1, dx0), (dw1, dw0)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if dtype == "float32":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+        else:  # one bf16 ulp (2**-8 relative) at most, and at few elements
+            np.testing.assert_array_less(np.abs(a - b), np.abs(b) * 2.0 ** -7 + 1e-30)
+            assert np.mean(a != b) < 0.01
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])

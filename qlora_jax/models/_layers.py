@@ -28,8 +28,30 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = _scale_rows(x32, jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
         return self.weight[...] * normed.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _scale_rows(x, r):
+    """``x * r`` for r [..., 1]; autodiff's gradients, with r's (the row sums of g * x) as a batched
+    dot: XLA:CPU fused that reduction into a YNNPACK kernel that took 5 ms for a [512, 2048] fp32
+    RMSNorm backward (0.2 s of the 1b-preset step), the dot 0.3 ms."""
+    return x * r
+
+
+def _scale_rows_fwd(x, r):
+    return x * r, (x, r)
+
+
+def _scale_rows_bwd(res, g):
+    x, r = res
+    rows = jax.lax.dot_general(g.reshape(-1, 1, g.shape[-1]), x.reshape(-1, 1, x.shape[-1]),
+                               (((2,), (2,)), ((0,), (0,))))
+    return g * r, rows.reshape(r.shape).astype(r.dtype)
+
+
+_scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
 
 
 class Linear(nnx.Module):
