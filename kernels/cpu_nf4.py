@@ -10,8 +10,8 @@ with XLA as FFI custom calls:
 - ``cpu_dense_gemm`` (``cpu/nf4_gemm.cc``, AMX only): the same products with a dense bf16 weight
   (the LM head: ``ops.linear_cross_entropy_sum``);
 - ``cpu_attention`` and ``cpu_attention_bwd`` (``cpu/attention.cc``): grouped-query attention for
-  training in bfloat16, forward and backward, with AVX-512 BF16 dot products
-  (``attention_available()``): no [S, T] scores or probabilities written to memory or saved for
+  training in bfloat16, forward and backward, with AVX-512 BF16 dot products, their products on
+  AMX tiles where the GEMM has them and head_dim is a multiple of 32 (``attention_available()``): no [S, T] scores or probabilities written to memory or saved for
   the backward, masked 32-key panels skipped;
 - ``quantize_4bit_host`` and ``quantize_nested_host`` (``cpu/quantize.cc``, plain C called through
   ctypes on host arrays, no XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax)

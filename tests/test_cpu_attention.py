@@ -50,8 +50,9 @@ def _agree(ours, ref):
     assert (ours == ref).mean() >= 0.99
 
 
-# (B, S, H, K, D): multi-head and grouped-query, S not a multiple of the 24-row blocks or the
-# 32-key panels, D of 64, 128 and not a multiple of 32 (80, 16), a single token
+# (B, S, H, K, D): multi-head and grouped-query, S not a multiple of the 32-row blocks or the
+# 32-key panels, D of 64, 128 (AMX's products where the CPU has it) and not a multiple of 32 (80,
+# 16: AVX-512's), a single token
 SHAPES = [(2, 40, 4, 2, 64), (1, 97, 8, 1, 16), (2, 33, 6, 3, 80), (1, 70, 4, 4, 128), (2, 1, 2, 1, 64)]
 
 
@@ -188,3 +189,16 @@ def test_long_sequences_release_their_partials_and_repeat_exactly():
         assert np.isfinite(a.astype(np.float32)).all() and np.array_equal(a, c)
     # the first query row attends to key 0 alone: its output is v[0] of its key head
     np.testing.assert_array_equal(np.asarray(out[0, 0]), np.asarray(jnp.repeat(v[0, 0], h // kh, axis=0)))
+
+
+@pytest.mark.slow
+def test_the_avx512_products_match_the_xla_path_on_an_amx_cpu(tmp_path):
+    """QLORA_JAX_CPU_KERNEL=avx512 builds without AMX: on a CPU with AMX the only run of the AVX-512
+    products for head dims of 64 and 128 (elsewhere the same build again)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, QLORA_JAX_CPU_KERNEL="avx512", QLORA_JAX_CACHE=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "test_kernels_match_the_xla_path"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]

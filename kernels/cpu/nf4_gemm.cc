@@ -35,8 +35,6 @@
 #define QLORA_GEMM_ISA 2  // AVX-512 BF16
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define QLORA_GEMM_AMX 1  // and AMX tiles, where Linux grants them (amx_granted)
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -45,25 +43,11 @@
 
 namespace ffi = xla::ffi;
 
-#ifdef QLORA_GEMM_AMX
-// Linux gives a process AMX tile data only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA, 18); a kernel or hypervisor that refuses leaves the AVX-512 BF16 path.
-static bool amx_granted() {
-  static const bool granted = [] {
-    constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023, kXtiledata = 18;
-    if (syscall(SYS_arch_prctl, kReqPerm, kXtiledata) != 0) return false;
-    unsigned long mask = 0;
-    return syscall(SYS_arch_prctl, kGetPerm, &mask) == 0 && (mask >> kXtiledata & 1) != 0;
-  }();
-  return granted;
-}
-#endif
-
 // 3: AMX BF16 tiles (and AVX-512 BF16 for the decoding), 2: AVX-512 BF16 dot products, 1: AVX2
 // fp32 FMAs, 0: not built (the CPU has neither)
 extern "C" int QloraNf4GemmSupported() {
 #if defined(QLORA_GEMM_AMX)
-  return amx_granted() ? 3 : 2;
+  return qlora_cpu::amx_granted() ? 3 : 2;
 #elif defined(QLORA_GEMM_ISA)
   return QLORA_GEMM_ISA;
 #else
@@ -82,6 +66,11 @@ struct Weight {
 };
 
 using qlora_cpu::rounding_bias_added;
+#ifdef QLORA_GEMM_AMX
+using qlora_cpu::amx_granted;
+using qlora_cpu::tiles_configure;
+using qlora_cpu::transpose16;
+#endif
 
 #if QLORA_GEMM_ISA == 2
 constexpr int64_t NR = 32;   // panel columns
@@ -232,44 +221,6 @@ constexpr int64_t AMX_GROUP_BYTES = 512 << 10;
 // LM head's backward, 32000; down_proj, 5632) runs in chunks with the sums carried, so that groups
 // of panels stay in L2 and the input is read once a group, not once a panel.
 constexpr int64_t AMX_CHUNK_STEPS = 64;
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-inline void tiles_configure() {  // eight tiles of 16 rows x 64 bytes
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
-  _tile_loadconfig(&c);
-}
-
-// r[i] (16 words each) -> r[c] = the words (i, c) for i = 0 .. 15: the 16 x 16 transpose of 32-bit words.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  __m512i u[16];  // u[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i+3
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {  // the 4 x 4 transpose of 128-bit lanes of u[j], u[4+j], u[8+j], u[12+j]
-    const __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
-    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
-    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
-    r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88);
-    r[4 + j] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
-    r[8 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88);
-    r[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
-  }
-}
 
 // Where a panel's weights come from: the packed 4-bit weight (decoded as dequantize(w, bf16)
 // rounds it) or a dense bf16 one (the LM head). words(): the 16 bf16 pairs of elements c0 .. c0+31
