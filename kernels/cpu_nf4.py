@@ -13,6 +13,9 @@ with XLA as FFI custom calls:
   training in bfloat16, forward and backward, with AVX-512 BF16 dot products, their products on
   AMX tiles where the GEMM has them and head_dim is a multiple of 32 (``attention_available()``): no [S, T] scores or probabilities written to memory or saved for
   the backward, masked 32-key panels skipped;
+- ``cpu_xent_lse`` and ``cpu_xent_grad`` (``cpu/xent.cc``): the LM head's cross-entropy on bf16
+  logits, each row's logsumexp and the logits' gradient, in one pass each over the logits
+  (``xent_available()``: AVX-512);
 - ``quantize_4bit_host`` and ``quantize_nested_host`` (``cpu/quantize.cc``, plain C called through
   ctypes on host arrays, no XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax)
   and its double quantization, which eager quantization on CPU (checkpoint loading) runs instead
@@ -52,12 +55,13 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name("cpu") / name
-                for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc", "attention.cc"))
+                for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc", "attention.cc", "xent.cc"))
 HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
 DENSE_GEMM_TARGET = "qlora_jax_dense_gemm"
 ATTENTION_TARGETS = ("qlora_jax_attention_fwd", "qlora_jax_attention_bwd")
+XENT_TARGETS = ("qlora_jax_xent_fwd", "qlora_jax_xent_bwd")
 MAX_M = 64  # rows of x the GEMV kernel takes (decode, short prefills); more: the GEMM kernel (bf16) or XLA
 # bf16 rows from which the AVX-512 BF16 GEMM kernel runs instead of the GEMV one (measured on Zen 5,
 # a 5632 x 2048 weight: GEMV 1.84 / 2.51 / 6.51 ms at 12 / 16 / 32 rows, GEMM 1.66 / 1.81 / 2.07)
@@ -121,6 +125,7 @@ def _load() -> bool:
         raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default), avx512, avx512f "
                          "or avx2")
     _STATE["ok"], _STATE["reason"], _STATE["gemm"], _STATE["attention"] = False, None, None, False
+    _STATE["xent"] = False
     if setting == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
         return False
@@ -137,6 +142,10 @@ def _load() -> bool:
             for target, fn in zip(ATTENTION_TARGETS, (lib.QloraAttentionFwd, lib.QloraAttentionBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
             _STATE["attention"] = True
+        if lib.QloraXentSupported():  # AVX-512 BW
+            for target, fn in zip(XENT_TARGETS, (lib.QloraXentFwd, lib.QloraXentBwd)):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
+            _STATE["xent"] = True
         lib.QloraQuantize4bit.restype = ctypes.c_int  # the host quantization (plain C, ctypes)
         lib.QloraQuantizeNested.restype = None
     except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
@@ -389,3 +398,50 @@ def reference_cpu_attention(q, k, v, mask, *, scale: float):
     probs = jax.nn.softmax(scores.astype(f32), axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=f32).astype(q.dtype)
     return out.reshape(b, s, h, d)
+
+
+def xent_available() -> bool:
+    """Whether the cross-entropy kernels are built (they need a CPU with AVX-512 BW)."""
+    return _load() and _STATE["xent"]
+
+
+def _xent_check(logits):
+    if not xent_available():
+        raise RuntimeError(f"the CPU cross-entropy kernel is not available: {_STATE['reason'] or 'no AVX-512'}")
+    if logits.ndim != 2 or logits.dtype != jnp.bfloat16:
+        raise ValueError(f"cpu_xent takes bfloat16 logits [N, V]; got {logits.dtype}{logits.shape}")
+
+
+@jax.jit
+def cpu_xent_lse(logits):
+    """Each row's logsumexp (fp32 [N]) of bfloat16 logits [N, V]; ``reference_xent_lse``'s arithmetic."""
+    _xent_check(logits)
+    call = jax.ffi.ffi_call(XENT_TARGETS[0], jax.ShapeDtypeStruct(logits.shape[:1], jnp.float32),
+                            vmap_method="sequential")
+    return call(logits)
+
+
+@jax.jit
+def cpu_xent_grad(logits, lse, labels, scale):
+    """``bf16((softmax(logits) - onehot(labels)) * scale[:, None])`` from the forward's ``lse``;
+    labels int32 [N] (in [0, V)), scale fp32 [N]; ``reference_xent_grad``'s arithmetic."""
+    _xent_check(logits)
+    n = logits.shape[0]
+    if lse.shape != (n,) or labels.shape != (n,) or scale.shape != (n,):
+        raise ValueError(f"cpu_xent_grad takes lse, labels and scale of shape ({n},); got {lse.shape}, "
+                         f"{labels.shape}, {scale.shape}")
+    call = jax.ffi.ffi_call(XENT_TARGETS[1], jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+                            vmap_method="sequential")
+    return call(logits, lse.astype(jnp.float32), labels.astype(jnp.int32), scale.astype(jnp.float32))
+
+
+def reference_xent_lse(logits):
+    """The pure-jnp twin of ``cpu_xent_lse``."""
+    return jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+
+
+def reference_xent_grad(logits, lse, labels, scale):
+    """The pure-jnp twin of ``cpu_xent_grad``."""
+    p = jnp.exp(logits.astype(jnp.float32) - lse[:, None])
+    onehot = jnp.arange(logits.shape[-1])[None, :] == labels[:, None]
+    return ((p - onehot) * scale[:, None]).astype(logits.dtype)

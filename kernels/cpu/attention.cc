@@ -158,46 +158,11 @@ void amx_mm(int64_t rows, int64_t lda, int64_t steps, A a, B b, float* c, int64_
 }
 #endif
 
-// --- elementwise helpers, 16 lanes
-inline __m512 bf16_round(__m512 v) {  // fp32 -> the nearest bf16 (even), as fp32; NaN kept quiet
-  const __m512i u = _mm512_castps_si512(v);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  const __m512i bits = _mm512_mask_or_epi32(rounding_bias_added(u), nan, u, _mm512_set1_epi32(0x400000));
-  return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-
-inline __m256i bf16_bits(__m512 rounded) {  // an already-rounded fp32 (bf16_round) -> its 16 bf16
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16));
-}
-
-inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {  // up to 16 bf16 -> fp32 (zeros past the mask)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-// exp(x) in fp32 (Cephes' expf: range reduction by ln 2 in two parts, a degree-6 polynomial; within
-// about 1 ulp), 0 below -87.33 (no denormal results) and for -inf, NaN kept.
-inline __m512 exp16(__m512 x) {
-  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.3762626647949f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512 e = _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(p, n));
-  return _mm512_mask_mov_ps(e, nan, x);
-}
-
-inline __mmask16 lanes(int64_t n) {  // the first n of 16 lanes (n may be <= 0 or >= 16)
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
-}
+using qlora_cpu::bf16_bits;
+using qlora_cpu::bf16_round;
+using qlora_cpu::exp16;
+using qlora_cpu::lanes;
+using qlora_cpu::load_bf16;
 
 struct Dims {
   int64_t b, s, t, h, kh, d, g;

@@ -10,7 +10,9 @@ fp32 it is autodiff's arithmetic.
 
 On a CPU with AMX both big products (the logits and dh = g @ W) run on the native AMX kernel
 (``kernels.cpu_nf4.cpu_dense_gemm``: the same fp32 sums rounded to bf16, in another order);
-elsewhere, and under a mesh, XLA's dots.
+elsewhere, and under a mesh, XLA's dots. On a CPU with AVX-512, bf16 logits' logsumexp and
+gradient run in native kernels (``cpu_xent_lse``, ``cpu_xent_grad``: one pass over the logits each,
+the same arithmetic but for the row sums' order and exp's last bit); elsewhere their jnp twins.
 """
 
 from __future__ import annotations
@@ -36,19 +38,31 @@ def _logits(h, w):
     return jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(h.dtype)
 
 
+def _xent_native(logits) -> bool:
+    """Whether the native cross-entropy kernels take these logits (single device, CPU, bf16)."""
+    from ..kernels import cpu_nf4
+
+    return (jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+            and logits.dtype == jnp.bfloat16 and cpu_nf4.xent_available())
+
+
 def _fwd(h, w, labels, valid):
+    from ..kernels import cpu_nf4
+
     logits = _logits(h, w)
     l32 = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(l32, axis=-1)
+    lse = cpu_nf4.cpu_xent_lse(logits) if _xent_native(logits) else cpu_nf4.reference_xent_lse(logits)
     picked = jnp.take_along_axis(l32, labels[:, None], axis=-1)[:, 0]
     return jnp.sum(jnp.where(valid, lse - picked, 0.0)), (h, w, logits, lse, labels, valid)
 
 
 def _bwd(res, ct):
+    from ..kernels import cpu_nf4
+
     h, w, logits, lse, labels, valid = res
-    p = jnp.exp(logits.astype(jnp.float32) - lse[:, None])
-    onehot = jnp.arange(logits.shape[-1])[None, :] == labels[:, None]
-    g = ((p - onehot) * jnp.where(valid, ct, 0.0)[:, None]).astype(h.dtype)
+    scale = jnp.where(valid, ct, 0.0).astype(jnp.float32)
+    grad = cpu_nf4.cpu_xent_grad if _xent_native(logits) else cpu_nf4.reference_xent_grad
+    g = grad(logits, lse, labels, scale).astype(h.dtype)
     f32 = jnp.float32
     if _native(h, w, transpose=True):
         from ..kernels import cpu_nf4
