@@ -16,6 +16,8 @@ with XLA as FFI custom calls:
 - ``cpu_xent_lse`` and ``cpu_xent_grad`` (``cpu/xent.cc``): the LM head's cross-entropy on bf16
   logits, each row's logsumexp and the logits' gradient, in one pass each over the logits
   (``xent_available()``: AVX-512);
+- ``cpu_rope`` and ``cpu_rope_bwd`` (``cpu/rope.cc``): rotary embeddings on bf16 and their
+  gradient, bit for bit as the jnp form (``rope_available()``: AVX-512);
 - ``quantize_4bit_host`` and ``quantize_nested_host`` (``cpu/quantize.cc``, plain C called through
   ctypes on host arrays, no XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax)
   and its double quantization, which eager quantization on CPU (checkpoint loading) runs instead
@@ -55,13 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name("cpu") / name
-                for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc", "attention.cc", "xent.cc"))
+                for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc", "attention.cc", "xent.cc", "rope.cc"))
 HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
 DENSE_GEMM_TARGET = "qlora_jax_dense_gemm"
 ATTENTION_TARGETS = ("qlora_jax_attention_fwd", "qlora_jax_attention_bwd")
 XENT_TARGETS = ("qlora_jax_xent_fwd", "qlora_jax_xent_bwd")
+ROPE_TARGETS = ("qlora_jax_rope_fwd", "qlora_jax_rope_bwd")
 MAX_M = 64  # rows of x the GEMV kernel takes (decode, short prefills); more: the GEMM kernel (bf16) or XLA
 # bf16 rows from which the AVX-512 BF16 GEMM kernel runs instead of the GEMV one (measured on Zen 5,
 # a 5632 x 2048 weight: GEMV 1.84 / 2.51 / 6.51 ms at 12 / 16 / 32 rows, GEMM 1.66 / 1.81 / 2.07)
@@ -125,7 +128,7 @@ def _load() -> bool:
         raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default), avx512, avx512f "
                          "or avx2")
     _STATE["ok"], _STATE["reason"], _STATE["gemm"], _STATE["attention"] = False, None, None, False
-    _STATE["xent"] = False
+    _STATE["xent"] = _STATE["rope"] = False
     if setting == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
         return False
@@ -146,6 +149,10 @@ def _load() -> bool:
             for target, fn in zip(XENT_TARGETS, (lib.QloraXentFwd, lib.QloraXentBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
             _STATE["xent"] = True
+        if lib.QloraRopeSupported():  # AVX-512 BW
+            for target, fn in zip(ROPE_TARGETS, (lib.QloraRopeFwd, lib.QloraRopeBwd)):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
+            _STATE["rope"] = True
         lib.QloraQuantize4bit.restype = ctypes.c_int  # the host quantization (plain C, ctypes)
         lib.QloraQuantizeNested.restype = None
     except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
@@ -445,3 +452,40 @@ def reference_xent_grad(logits, lse, labels, scale):
     p = jnp.exp(logits.astype(jnp.float32) - lse[:, None])
     onehot = jnp.arange(logits.shape[-1])[None, :] == labels[:, None]
     return ((p - onehot) * scale[:, None]).astype(logits.dtype)
+
+
+def rope_available() -> bool:
+    """Whether the rotary-embedding kernels are built (they need a CPU with AVX-512 BW)."""
+    return _load() and _STATE["rope"]
+
+
+def _rope_call(target, x, cos, sin):
+    if not rope_available():
+        raise RuntimeError(f"the CPU rope kernel is not available: {_STATE['reason'] or 'no AVX-512'}")
+    b, s, _, d = x.shape if x.ndim == 4 else (None, None, None, None)
+    if (x.ndim != 4 or d % 2 or cos.shape != (b, s, d) or sin.shape != (b, s, d)
+            or not x.dtype == cos.dtype == sin.dtype == jnp.bfloat16):
+        raise ValueError(f"cpu_rope takes bfloat16 x [B, S, H, D] (D even) and cos, sin [B, S, D]; got x "
+                         f"{x.dtype}{x.shape}, cos {cos.dtype}{cos.shape}, sin {sin.dtype}{sin.shape}")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")(x, cos, sin)
+
+
+@jax.jit
+def cpu_rope(x, cos, sin):
+    """``x * cos + rotate_half(x) * sin`` (cos, sin broadcast over the heads), bit for bit as
+    ``reference_rope``."""
+    return _rope_call(ROPE_TARGETS[0], x, cos, sin)
+
+
+@jax.jit
+def cpu_rope_bwd(g, cos, sin):
+    """The gradient of ``cpu_rope`` with respect to x for the cotangent ``g``, bit for bit as
+    autodiff of ``reference_rope``."""
+    return _rope_call(ROPE_TARGETS[1], g, cos, sin)
+
+
+def reference_rope(x, cos, sin):
+    """The pure-jnp twin of ``cpu_rope`` (transformers' ``apply_rotary_pos_emb``)."""
+    half = x.shape[-1] // 2
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return x * c + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,6 +48,40 @@ def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def apply_rope(x_BxSxHxD: jnp.ndarray, cos_BxSxD: jnp.ndarray, sin_BxSxD: jnp.ndarray) -> jnp.ndarray:
-    """``x * cos + rotate_half(x) * sin`` with cos/sin broadcast over the heads axis."""
+    """``x * cos + rotate_half(x) * sin`` with cos/sin broadcast over the heads axis. In bf16 on a
+    single CPU device with AVX-512 the native kernels run it and its gradient, bit for bit
+    (``kernels.cpu_nf4.cpu_rope``: XLA:CPU ran the concatenate element by element)."""
+    if _native_rope(x_BxSxHxD, cos_BxSxD, sin_BxSxD):
+        return _rope_native(x_BxSxHxD, cos_BxSxD, sin_BxSxD)
     cos, sin = cos_BxSxD[:, :, None, :], sin_BxSxD[:, :, None, :]
     return x_BxSxHxD * cos + rotate_half(x_BxSxHxD) * sin
+
+
+def _native_rope(x, cos, sin) -> bool:
+    from ..kernels import cpu_nf4
+
+    return (isinstance(x, jax.Array) and x.ndim == 4 and x.shape[-1] % 2 == 0
+            and x.dtype == cos.dtype == sin.dtype == jnp.bfloat16 and cos.shape == sin.shape == (*x.shape[:2], x.shape[3])
+            and jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty and cpu_nf4.rope_available())
+
+
+@jax.custom_vjp
+def _rope_native(x, cos, sin):
+    from ..kernels import cpu_nf4
+
+    return cpu_nf4.cpu_rope(x, cos, sin)
+
+
+def _rope_native_fwd(x, cos, sin):
+    return _rope_native(x, cos, sin), (cos, sin)
+
+
+def _rope_native_bwd(res, g):
+    from ..kernels import cpu_nf4
+
+    cos, sin = res
+    # cos and sin come from integer positions: no gradient flows to them
+    return cpu_nf4.cpu_rope_bwd(g, cos, sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_rope_native.defvjp(_rope_native_fwd, _rope_native_bwd)
