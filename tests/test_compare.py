@@ -199,3 +199,13 @@ def test_tiny_preset_qwix_in_bfloat16_generates(tmp_path):
     r = json.loads((out / "comparison.json").read_text())["qwix"]
     assert r["errors"] == {}, (r["errors"], r.get("tracebacks"))
     assert len(r["gen_tokens"]) == 64 and r["gen_tokens_per_s"] > 0
+
+
+def test_every_stack_runs_with_the_malloc_tunable(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert compare.child_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + compare.MALLOC_TUNABLE
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the caller's own choice stands
+    assert compare.child_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert compare.child_env()["GLIBC_TUNABLES"] == compare.MALLOC_TUNABLE
+    assert compare.environment()["glibc_tunables"] == compare.MALLOC_TUNABLE

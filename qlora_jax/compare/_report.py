@@ -122,6 +122,9 @@ def markdown(report: dict, plots: list[str]) -> str:
                 lines.append(f"- {LABELS[stack]} {key.replace('_', ' ')}: {report[stack][key]}")
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), ""]
+    if env.get("glibc_tunables"):
+        lines += [f"Every stack ran with GLIBC_TUNABLES={env['glibc_tunables']} (large blocks on transparent huge "
+                  "pages: docs/decisions.md, \"Huge pages for XLA's temporaries\").", ""]
     return "\n".join(lines)
 
 
