@@ -11,7 +11,8 @@ with XLA as FFI custom calls:
   (the LM head: ``ops.linear_cross_entropy_sum``);
 - ``cpu_attention`` and ``cpu_attention_bwd`` (``cpu/attention.cc``): grouped-query attention for
   training in bfloat16, forward and backward, with AVX-512 BF16 dot products, their products on
-  AMX tiles where the GEMM has them and head_dim is a multiple of 32 (``attention_available()``): no [S, T] scores or probabilities written to memory or saved for
+  AMX tiles where the GEMM has them and head_dim is a multiple of 32 (``attention_available()``):
+  no [S, T] scores or probabilities written to memory or saved for
   the backward, masked 32-key panels skipped;
 - ``cpu_xent_lse`` and ``cpu_xent_grad`` (``cpu/xent.cc``): the LM head's cross-entropy on bf16
   logits, each row's logsumexp and the logits' gradient, in one pass each over the logits

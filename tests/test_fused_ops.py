@@ -1,7 +1,8 @@
 """Ops whose backward is written out for the CPU's fast matmul path (compute-dtype operands, fp32
 accumulation): the LM head + cross-entropy (``ops.linear_cross_entropy_sum``) and attention
-(``models._layers.attend``), and RMSNorm (its row sums as a batched dot). In fp32 they must equal autodiff of the plain formulas; in bf16 they
-round where PyTorch's autograd rounds, so they agree with autodiff to bf16 precision."""
+(``models._layers.attend``), and RMSNorm (its row sums as a batched dot). In fp32 they must equal
+autodiff of the plain formulas; in bf16 they round where PyTorch's autograd rounds, so they agree with
+autodiff to bf16 precision."""
 
 import jax
 import jax.numpy as jnp

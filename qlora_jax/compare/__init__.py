@@ -32,7 +32,8 @@ from ._stacks import FIGURES, PHASE_FIGURES, empty_result
 
 __all__ = ["MALLOC_TUNABLE", "PRESETS", "STACKS", "FIGURES", "CompareConfig", "cache_dir", "child_env",
            "compare_with_bnb", "environment", "in_torch_thread_order", "main", "make_batches", "make_prompt",
-           "nested_code_mismatch", "nested_scaled", "preset_checkpoint", "run_comparison", "run_stack", "state_mismatch", "write_report"]
+           "nested_code_mismatch", "nested_scaled", "preset_checkpoint", "run_comparison", "run_stack",
+           "state_mismatch", "write_report"]
 
 ORDER = ("reference", "qlora_jax", "qwix")  # the reference first: the others start from its state
 _PACKAGES = ("qlora_jax", "jax", "jaxlib", "flax", "optax", "qwix", "torch", "transformers", "peft", "bitsandbytes",

@@ -61,7 +61,8 @@ def _native_rope(x, cos, sin) -> bool:
     from ..kernels import cpu_nf4
 
     return (isinstance(x, jax.Array) and x.ndim == 4 and x.shape[-1] % 2 == 0
-            and x.dtype == cos.dtype == sin.dtype == jnp.bfloat16 and cos.shape == sin.shape == (*x.shape[:2], x.shape[3])
+            and x.dtype == cos.dtype == sin.dtype == jnp.bfloat16
+            and cos.shape == sin.shape == (*x.shape[:2], x.shape[3])
             and jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty and cpu_nf4.rope_available())
 
 
