@@ -27,15 +27,20 @@ from qlora_jax.quant import _tables
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_tiny_preset_all_stacks_float32(tmp_path):
+def _run_tiny(tmp_path, *args):
+    """scripts/compare_torch.py on the tiny preset with ``args``, its cache under tmp_path: (the
+    report's JSON, the output directory)."""
     env = dict(os.environ, QLORA_JAX_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_torch.py"), "--preset", "tiny", "--steps",
-                           "5", "--dtype", "float32", "--output-dir", str(out)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_torch.py"), "--preset", "tiny", *args,
+                           "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    report = json.loads((out / "comparison.json").read_text())
+    return json.loads((out / "comparison.json").read_text()), out
+
+
+@pytest.mark.slow
+def test_tiny_preset_all_stacks_float32(tmp_path):
+    report, out = _run_tiny(tmp_path, "--steps", "5", "--dtype", "float32")
     assert {"reference", "qlora_jax", "qwix", "environment", "config"} <= report.keys()
     for stack in compare.STACKS:
         r = report[stack]
@@ -190,13 +195,7 @@ def test_tiny_preset_qwix_in_bfloat16_generates(tmp_path):
     """Qwix's decode in bfloat16, where qlora_jax's dense few-row products would take the AMX kernel:
     Qwix's quantized weights are not arrays, so its own intercepted dot must run (a regression: its
     generation failed with a TypeError in the kernel's call)."""
-    env = dict(os.environ, QLORA_JAX_CACHE=str(tmp_path / "cache"))
-    out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_torch.py"), "--preset", "tiny", "--steps",
-                           "3", "--stacks", "qwix", "--output-dir", str(out)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    r = json.loads((out / "comparison.json").read_text())["qwix"]
+    r = _run_tiny(tmp_path, "--steps", "3", "--stacks", "qwix")[0]["qwix"]
     assert r["errors"] == {}, (r["errors"], r.get("tracebacks"))
     assert len(r["gen_tokens"]) == 64 and r["gen_tokens_per_s"] > 0
 

@@ -19,10 +19,10 @@ def test_xent_kernels_are_built_where_the_cpu_has_avx512():
     assert cpu_nf4.xent_available() == (HAS_AVX512 and cpu_nf4.available())
 
 
-pytestmark_native = pytest.mark.skipif(not HAS_AVX512, reason="the kernels need AVX-512 (the jnp twins run)")
+native = pytest.mark.skipif(not HAS_AVX512, reason="the kernels need AVX-512 (the jnp twins run)")
 
 
-@pytestmark_native
+@native
 @pytest.mark.parametrize("n,v", [(37, 300), (5, 32000), (1, 17), (64, 16)])
 def test_xent_kernels_match_their_twins(n, v):
     k = jax.random.split(jax.random.key(n * v), 3)
@@ -42,14 +42,14 @@ def test_xent_kernels_match_their_twins(n, v):
     assert np.all(g[np.arange(n), np.asarray(labels)][np.asarray(scale) > 0] < 0)  # the label's -(1 - p)
 
 
-@pytestmark_native
+@native
 def test_xent_lse_of_infinite_rows_is_logsumexps():
     logits = jnp.asarray([[-jnp.inf] * 20, [jnp.inf] + [0.0] * 19, [jnp.nan] + [0.0] * 19], jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(cpu_nf4.cpu_xent_lse(logits)),
                                   np.asarray(cpu_nf4.reference_xent_lse(logits)))
 
 
-@pytestmark_native
+@native
 def test_xent_kernels_refuse_what_they_do_not_take():
     with pytest.raises(ValueError, match="bfloat16 logits"):
         cpu_nf4.cpu_xent_lse(jnp.zeros((4, 8), jnp.float32))
@@ -57,7 +57,7 @@ def test_xent_kernels_refuse_what_they_do_not_take():
         cpu_nf4.cpu_xent_grad(jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros(3), jnp.zeros(4, jnp.int32), jnp.zeros(4))
 
 
-@pytestmark_native
+@native
 def test_the_head_loss_runs_the_kernels_in_bf16():
     k = jax.random.split(jax.random.key(3), 3)
     h = jax.random.normal(k[0], (24, 64)).astype(jnp.bfloat16)

@@ -65,8 +65,6 @@ def _bwd(res, ct):
     g = grad(logits, lse, labels, scale).astype(h.dtype)
     f32 = jnp.float32
     if _native(h, w, transpose=True):
-        from ..kernels import cpu_nf4
-
         dh = cpu_nf4.cpu_dense_gemm(g, w, transpose=True)
     else:
         dh = jax.lax.dot_general(g, w.astype(h.dtype), (((1,), (0,)), ((), ())), preferred_element_type=f32)
