@@ -19,6 +19,8 @@ with XLA as FFI custom calls:
   (``xent_available()``: AVX-512);
 - ``cpu_rope`` and ``cpu_rope_bwd`` (``cpu/rope.cc``): rotary embeddings on bf16 and their
   gradient, bit for bit as the jnp form (``rope_available()``: AVX-512);
+- ``cpu_swiglu`` and ``cpu_swiglu_bwd`` (``cpu/swiglu.cc``): the SwiGLU MLP's ``silu(g) * u`` on
+  bf16 and its gradient, PyTorch's arithmetic in one pass each (``swiglu_available()``: AVX-512);
 - ``quantize_4bit_host`` and ``quantize_nested_host`` (``cpu/quantize.cc``, plain C called through
   ctypes on host arrays, no XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax)
   and its double quantization, which eager quantization on CPU (checkpoint loading) runs instead
@@ -58,7 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name("cpu") / name
-                for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc", "attention.cc", "xent.cc", "rope.cc"))
+                for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc", "attention.cc", "xent.cc", "rope.cc",
+                             "swiglu.cc"))
 HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
@@ -66,6 +69,7 @@ DENSE_GEMM_TARGET = "qlora_jax_dense_gemm"
 ATTENTION_TARGETS = ("qlora_jax_attention_fwd", "qlora_jax_attention_bwd")
 XENT_TARGETS = ("qlora_jax_xent_fwd", "qlora_jax_xent_bwd")
 ROPE_TARGETS = ("qlora_jax_rope_fwd", "qlora_jax_rope_bwd")
+SWIGLU_TARGETS = ("qlora_jax_swiglu_fwd", "qlora_jax_swiglu_bwd")
 MAX_M = 64  # rows of x the GEMV kernel takes (decode, short prefills); more: the GEMM kernel (bf16) or XLA
 # bf16 rows from which the AVX-512 BF16 GEMM kernel runs instead of the GEMV one (measured on Zen 5,
 # a 5632 x 2048 weight: GEMV 1.84 / 2.51 / 6.51 ms at 12 / 16 / 32 rows, GEMM 1.66 / 1.81 / 2.07)
@@ -129,7 +133,7 @@ def _load() -> bool:
         raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default), avx512, avx512f "
                          "or avx2")
     _STATE["ok"], _STATE["reason"], _STATE["gemm"], _STATE["attention"] = False, None, None, False
-    _STATE["xent"] = _STATE["rope"] = False
+    _STATE["xent"] = _STATE["rope"] = _STATE["swiglu"] = False
     if setting == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
         return False
@@ -154,6 +158,10 @@ def _load() -> bool:
             for target, fn in zip(ROPE_TARGETS, (lib.QloraRopeFwd, lib.QloraRopeBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
             _STATE["rope"] = True
+        if lib.QloraSwigluSupported():  # AVX-512 BW
+            for target, fn in zip(SWIGLU_TARGETS, (lib.QloraSwigluFwd, lib.QloraSwigluBwd)):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
+            _STATE["swiglu"] = True
         lib.QloraQuantize4bit.restype = ctypes.c_int  # the host quantization (plain C, ctypes)
         lib.QloraQuantizeNested.restype = None
     except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
@@ -490,3 +498,52 @@ def reference_rope(x, cos, sin):
     half = x.shape[-1] // 2
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return x * c + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * s
+
+
+def swiglu_available() -> bool:
+    """Whether the SwiGLU kernels are built (they need a CPU with AVX-512 BW)."""
+    return _load() and _STATE["swiglu"]
+
+
+def _swiglu_check(*arrays):
+    if not swiglu_available():
+        raise RuntimeError(f"the CPU swiglu kernel is not available: {_STATE['reason'] or 'no AVX-512'}")
+    if any(a.dtype != jnp.bfloat16 or a.shape != arrays[0].shape for a in arrays):
+        raise ValueError("cpu_swiglu takes bfloat16 operands of one shape; got "
+                         + ", ".join(f"{a.dtype}{a.shape}" for a in arrays))
+
+
+@jax.jit
+def cpu_swiglu(g, u):
+    """``silu(g) * u`` on bf16 as PyTorch computes ``F.silu(g) * u`` (``reference_swiglu``; exp's
+    last bit aside)."""
+    _swiglu_check(g, u)
+    return jax.ffi.ffi_call(SWIGLU_TARGETS[0], jax.ShapeDtypeStruct(g.shape, g.dtype), vmap_method="sequential")(g, u)
+
+
+@jax.jit
+def cpu_swiglu_bwd(g, u, dh):
+    """The gradients (dg, du) of ``cpu_swiglu`` for the cotangent ``dh``, as PyTorch's
+    ``silu_backward`` and bf16 product rule (``reference_swiglu_bwd``)."""
+    _swiglu_check(g, u, dh)
+    out = jax.ShapeDtypeStruct(g.shape, g.dtype)
+    return tuple(jax.ffi.ffi_call(SWIGLU_TARGETS[1], (out, out), vmap_method="sequential")(g, u, dh))
+
+
+def reference_swiglu(g, u):
+    """The pure-jnp twin of ``cpu_swiglu``: silu in fp32, rounded to g's dtype once, times u."""
+    g32 = g.astype(jnp.float32)
+    silu = (g32 / (1.0 + jnp.exp(-g32))).astype(g.dtype)
+    return silu * u
+
+
+def reference_swiglu_bwd(g, u, dh):
+    """The pure-jnp twin of ``cpu_swiglu_bwd``: torch's silu_backward on fp32 values."""
+    g32 = g.astype(jnp.float32)
+    den = 1.0 + jnp.exp(-g32)
+    silu = (g32 / den).astype(g.dtype)
+    s = 1.0 / den
+    ds = (dh * u).astype(jnp.float32)
+    dg = (ds * s * (1.0 + g32 * (1.0 - s))).astype(g.dtype)
+    return dg, dh * silu
+

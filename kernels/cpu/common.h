@@ -106,11 +106,12 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {  // up to 16 bf16 -> f
 }
 
 // exp(x) in fp32 (Cephes' expf: range reduction by ln 2 in two parts, a degree-6 polynomial; within
-// about 1 ulp), 0 below -87.33 (no denormal results) and for -inf, NaN kept.
-inline __m512 exp16(__m512 x) {
+// about 1 ulp), 0 below -87.33 (no denormal results) and for -inf, NaN kept. Above `hi` the result
+// is exp(hi): Cephes' 88.376; pass hi = 89 for +inf past fp32's range (scalef overflows to it).
+inline __m512 exp16(__m512 x, float hi = 88.3762626647949f) {
   const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.3762626647949f));
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(hi));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);

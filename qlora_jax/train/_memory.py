@@ -14,8 +14,8 @@ Activations are counted buffer by buffer from the program's structure (nothing i
   projection; the rotated queries and keys and the values;
   the pre-softmax scores [B, heads, S, S] in the activation dtype (the attention's written-out
   backward recomputes the softmax from them; the native CPU attention, where it runs, saves the
-  mask [B, S, S] and each row's softmax max and sum instead); the gate and up outputs and
-  silu's three intermediates [B, S, intermediate]). With checkpointing (``nothing_saveable``)
+  mask [B, S, S] and each row's softmax max and sum instead); the gate and up outputs
+  [B, S, intermediate], from which swiglu's gradient recomputes silu). With checkpointing (``nothing_saveable``)
   only each layer's input [B, S, hidden] is kept.
 * the working set of the busiest moment, whichever is largest: the backward pass of one layer at
   its MLP (the layer's residuals, rebuilt or sliced out of the stacks, the gradients of the down
@@ -224,11 +224,11 @@ def _layer_buffers(cfg, b: int, s: int, act: int, adapters: list[_Adapter], quan
     if native_attention:  # the native kernels save the mask [B, S, S] and each row's (max, sum), no scores
         softmax = b * s * s * act + b * h * s * 2 * _F32
     mlp_inputs = norm + ad.get("mlp_in", 0) + ad.get("mlp_act", 0)
-    mlp = mlp_inputs + 5 * n * i * act  # gate and up outputs; silu's output and two sigmoid terms
+    mlp = mlp_inputs + 2 * n * i * act  # gate and up outputs (swiglu's gradient recomputes silu from them)
     # Recomputed inside the backward pass, elementwise residuals are fused into their consumers: the
-    # MLP keeps the matmul outputs of gate and up (base and adapter apart) and the sigmoid.
+    # MLP keeps the matmul outputs of gate and up (base and adapter apart).
     n_gate_up = ("gate_proj" in projs) + ("up_proj" in projs)
-    rebuilt_mlp = mlp_inputs + n * i * (3 * act + n_gate_up * wide)
+    rebuilt_mlp = mlp_inputs + n * i * (2 * act + n_gate_up * wide)
     # A layer's backward pass dequantizes all its weights up front (XLA schedules the dequantization,
     # which needs only the weights, early; when recomputing, the forward and backward matmuls share
     # it), and each stays live until its last matmul transpose.
