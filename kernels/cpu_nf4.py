@@ -21,6 +21,10 @@ with XLA as FFI custom calls:
   gradient, bit for bit as the jnp form (``rope_available()``: AVX-512);
 - ``cpu_swiglu`` and ``cpu_swiglu_bwd`` (``cpu/swiglu.cc``): the SwiGLU MLP's ``silu(g) * u`` on
   bf16 and its gradient, PyTorch's arithmetic in one pass each (``swiglu_available()``: AVX-512);
+- ``cpu_lora_down``, ``cpu_lora_up`` and ``cpu_lora_grad`` (``cpu/lora.cc``): LoRA's rank-r
+  products of bf16 activations with fp32 adapters, the B product summed into the base layer's
+  bf16 result in the same pass, and the adapters' weight gradients from bf16 operands
+  (``lora_available()``: AVX-512);
 - ``quantize_4bit_host`` and ``quantize_nested_host`` (``cpu/quantize.cc``, plain C called through
   ctypes on host arrays, no XLA): the first level of ``quantize`` (NF4/FP4 codes and fp32 absmax)
   and its double quantization, which eager quantization on CPU (checkpoint loading) runs instead
@@ -61,7 +65,7 @@ import numpy as np
 
 SOURCES = tuple(Path(__file__).with_name("cpu") / name
                 for name in ("nf4_gemv.cc", "nf4_gemm.cc", "quantize.cc", "attention.cc", "xent.cc", "rope.cc",
-                             "swiglu.cc"))
+                             "swiglu.cc", "lora.cc"))
 HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
@@ -70,6 +74,7 @@ ATTENTION_TARGETS = ("qlora_jax_attention_fwd", "qlora_jax_attention_bwd")
 XENT_TARGETS = ("qlora_jax_xent_fwd", "qlora_jax_xent_bwd")
 ROPE_TARGETS = ("qlora_jax_rope_fwd", "qlora_jax_rope_bwd")
 SWIGLU_TARGETS = ("qlora_jax_swiglu_fwd", "qlora_jax_swiglu_bwd")
+LORA_TARGETS = ("qlora_jax_lora_down", "qlora_jax_lora_up_add", "qlora_jax_lora_up", "qlora_jax_lora_grad")
 MAX_M = 64  # rows of x the GEMV kernel takes (decode, short prefills); more: the GEMM kernel (bf16) or XLA
 # bf16 rows from which the AVX-512 BF16 GEMM kernel runs instead of the GEMV one (measured on Zen 5,
 # a 5632 x 2048 weight: GEMV 1.84 / 2.51 / 6.51 ms at 12 / 16 / 32 rows, GEMM 1.66 / 1.81 / 2.07)
@@ -133,7 +138,7 @@ def _load() -> bool:
         raise ValueError(f"QLORA_JAX_CPU_KERNEL={setting!r}: expected 0 (off), 1 (the default), avx512, avx512f "
                          "or avx2")
     _STATE["ok"], _STATE["reason"], _STATE["gemm"], _STATE["attention"] = False, None, None, False
-    _STATE["xent"] = _STATE["rope"] = _STATE["swiglu"] = False
+    _STATE["xent"] = _STATE["rope"] = _STATE["swiglu"] = _STATE["lora"] = False
     if setting == "0":
         _STATE["reason"] = "turned off (QLORA_JAX_CPU_KERNEL=0)"
         return False
@@ -162,6 +167,11 @@ def _load() -> bool:
             for target, fn in zip(SWIGLU_TARGETS, (lib.QloraSwigluFwd, lib.QloraSwigluBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
             _STATE["swiglu"] = True
+        if lib.QloraLoraSupported():  # AVX-512 BW
+            for target, fn in zip(LORA_TARGETS, (lib.QloraLoraDown, lib.QloraLoraUpAdd, lib.QloraLoraUp,
+                                                    lib.QloraLoraGrad)):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
+            _STATE["lora"] = True
         lib.QloraQuantize4bit.restype = ctypes.c_int  # the host quantization (plain C, ctypes)
         lib.QloraQuantizeNested.restype = None
     except Exception as e:  # noqa: BLE001  (any failure means: the pure-JAX path)
@@ -547,3 +557,76 @@ def reference_swiglu_bwd(g, u, dh):
     dg = (ds * s * (1.0 + g32 * (1.0 - s))).astype(g.dtype)
     return dg, dh * silu
 
+
+def lora_available() -> bool:
+    """Whether the LoRA product kernels are built (they need a CPU with AVX-512 BW)."""
+    return _load() and _STATE["lora"]
+
+
+_LORA_TAKES = {"cpu_lora_down": "bfloat16 x [..., C] and float32 a [r, C]",
+               "cpu_lora_up": "float32 h [..., r], float32 a [r, C] and bfloat16 base [..., C] (or None)",
+               "cpu_lora_grad": "float32 h [..., r] and bfloat16 y [..., C] with the same leading dims"}
+
+
+def _lora_check(name, ok, *arrays):
+    if not lora_available():
+        raise RuntimeError(f"the CPU LoRA kernels are not available: {_STATE['reason'] or 'no AVX-512'}")
+    if not ok:
+        raise ValueError(f"{name} takes {_LORA_TAKES[name]}; got "
+                         + ", ".join(f"{a.dtype}{a.shape}" for a in arrays if a is not None))
+
+
+@functools.partial(jax.jit, static_argnames=("scaling",))
+def cpu_lora_down(x, a, *, scaling: float = 1.0):
+    """``scaling * (x @ a^T)`` [..., r] in fp32 for bf16 ``x`` [..., C] (its exact fp32 values) and
+    fp32 ``a`` [r, C] (``reference_lora_down``; fp32 sums in another order)."""
+    _lora_check("cpu_lora_down", x.ndim >= 1 and a.ndim == 2 and x.shape[-1] == a.shape[1]
+                and x.dtype == jnp.bfloat16 and a.dtype == jnp.float32, x, a)
+    call = jax.ffi.ffi_call(LORA_TARGETS[0], jax.ShapeDtypeStruct((*x.shape[:-1], a.shape[0]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, a, scaling=np.float32(scaling))
+
+
+@functools.partial(jax.jit, static_argnames=("scaling", "round_first"))
+def cpu_lora_up(h, a, base=None, *, scaling: float = 1.0, round_first: bool = False):
+    """``bf16(base + t)`` [..., C], t = ``scaling * (h @ a)`` in fp32 for ``h`` [..., r] and ``a`` [r, C],
+    t rounded to bf16 first with ``round_first``; ``bf16(t)`` without a base (``reference_lora_up``)."""
+    shape = (*h.shape[:-1], a.shape[-1])
+    ok = (h.ndim >= 1 and a.ndim == 2 and h.shape[-1] == a.shape[0] and h.dtype == a.dtype == jnp.float32
+          and (base is None or (base.dtype == jnp.bfloat16 and base.shape == shape)))
+    _lora_check("cpu_lora_up", ok, h, a, base)
+    out = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    if base is None:
+        return jax.ffi.ffi_call(LORA_TARGETS[2], out, vmap_method="sequential")(h, a, scaling=np.float32(scaling))
+    return jax.ffi.ffi_call(LORA_TARGETS[1], out, vmap_method="sequential")(
+        base, h, a, scaling=np.float32(scaling), round_first=bool(round_first))
+
+
+@functools.partial(jax.jit, static_argnames=("scaling",))
+def cpu_lora_grad(h, y, *, scaling: float = 1.0):
+    """``scaling * h^T @ y`` [r, C] in fp32, summed over the leading dims of fp32 ``h`` [..., r] and
+    bf16 ``y`` [..., C] (``reference_lora_grad``; fp32 sums in row order)."""
+    _lora_check("cpu_lora_grad", h.ndim >= 1 and h.shape[:-1] == y.shape[:-1] and h.dtype == jnp.float32
+                and y.dtype == jnp.bfloat16, h, y)
+    call = jax.ffi.ffi_call(LORA_TARGETS[3], jax.ShapeDtypeStruct((h.shape[-1], y.shape[-1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(h, y, scaling=np.float32(scaling))
+
+
+def reference_lora_down(x, a, *, scaling: float = 1.0):
+    """The pure-jnp twin of ``cpu_lora_down``."""
+    return jax.lax.dot_general(x.astype(jnp.float32), a, (((x.ndim - 1,), (1,)), ((), ()))) * scaling
+
+
+def reference_lora_up(h, a, base=None, *, scaling: float = 1.0, round_first: bool = False):
+    """The pure-jnp twin of ``cpu_lora_up``."""
+    t = jax.lax.dot_general(h, a, (((h.ndim - 1,), (0,)), ((), ()))) * scaling
+    if round_first or base is None:
+        t = t.astype(jnp.bfloat16)
+    return t if base is None else (base.astype(jnp.float32) + t.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def reference_lora_grad(h, y, *, scaling: float = 1.0):
+    """The pure-jnp twin of ``cpu_lora_grad``."""
+    h2, y2 = h.reshape(-1, h.shape[-1]), y.reshape(-1, y.shape[-1]).astype(jnp.float32)
+    return jax.lax.dot_general(h2, y2, (((0,), (0,)), ((), ()))) * scaling

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..quant import Int8Array, QuantizedArray
 from ..sharding import constrain
 
 
@@ -96,9 +97,48 @@ def _lora_bwd(scaling, res, g):
 _lora_product.defvjp(_lora_fwd, _lora_bwd)
 
 
+def _native_sum(result, x, a, b) -> bool:
+    from ..kernels import cpu_nf4
+
+    return (isinstance(x, jax.Array) and x.dtype == result.dtype == jnp.bfloat16
+            and a.dtype == b.dtype == jnp.float32 and result.shape == (*x.shape[:-1], b.shape[0])
+            and jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+            and cpu_nf4.lora_available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lora_sum_native(result, x, a, b, scaling, round_first):
+    """``result + (x @ A^T) @ B^T * scaling`` on the CPU kernels: the B product runs in the sum's pass
+    (no fp32 [N, out] product written and read back); the gradient's products read the bf16
+    cotangent as it is (no fp32 copy of it scaled)."""
+    return _lora_sum_fwd(result, x, a, b, scaling, round_first)[0]
+
+
+def _lora_sum_fwd(result, x, a, b, scaling, round_first):
+    from ..kernels import cpu_nf4
+
+    hr = cpu_nf4.cpu_lora_down(x, a)  # [..., r] fp32
+    return cpu_nf4.cpu_lora_up(hr, b.T, result, scaling=scaling, round_first=round_first), (x, a, b, hr)
+
+
+def _lora_sum_bwd(scaling, round_first, res, g):
+    from ..kernels import cpu_nf4
+
+    x, a, b, hr = res
+    dhr = cpu_nf4.cpu_lora_down(g, b.T, scaling=scaling)  # (g * scaling) @ B: [..., r]
+    db = cpu_nf4.cpu_lora_grad(hr, g, scaling=scaling).T  # [r, out] -> [out, r]
+    da = cpu_nf4.cpu_lora_grad(dhr, x)  # [r, in]
+    dx = cpu_nf4.cpu_lora_up(dhr, a)  # bf16(dhr @ A), as the fp32 product cast back
+    return g, dx, da, db
+
+
+_lora_sum_native.defvjp(_lora_sum_fwd, _lora_sum_bwd)
+
+
 class LoraLinear(nnx.Module):
-    """``base_layer(x) + adapter(x)`` for the active adapter, summed in the wider dtype and cast
-    back to the base result's dtype, as PEFT's ``lora.Linear``."""
+    """``base_layer(x) + adapter(x)`` for the active adapter in the base result's dtype, as PEFT: over a
+    quantized base (its 4-bit and 8-bit layers) the adapter's output is cast to that dtype first and
+    then added; over a dense one (``lora.Linear``) summed in the wider dtype and cast back."""
 
     def __init__(self, base_layer, adapters: dict, active: str | None):
         self.base_layer = base_layer
@@ -110,6 +150,16 @@ class LoraLinear(nnx.Module):
         result = self.base_layer(x)
         if self.active_adapter is None or self.unmerged_weight is not None:  # merged: the base has it
             return result
-        delta = self.lora[self.active_adapter](x, row_parallel=getattr(self.base_layer, "row_parallel", False))
+        adapter = self.lora[self.active_adapter]
+        weight = getattr(self.base_layer, "weight", None)
+        weight = weight.get_value() if isinstance(weight, nnx.Variable) else weight
+        round_first = isinstance(weight, (QuantizedArray, Int8Array))
+        row_parallel = getattr(self.base_layer, "row_parallel", False)
+        a, b = adapter.lora_A[...], adapter.lora_B[...]
+        if adapter.dropout is None and adapter.layer_mask is None and _native_sum(result, x, a, b):
+            return _lora_sum_native(result, x, a, b, adapter.scaling, round_first)
+        delta = adapter(x, row_parallel=row_parallel)
+        if round_first:
+            return result + delta.astype(result.dtype)
         wide = jnp.promote_types(result.dtype, delta.dtype)
         return (result.astype(wide) + delta.astype(wide)).astype(result.dtype)
