@@ -17,7 +17,7 @@ from test_cpu_kernel import _cpu_flags
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
 native = pytest.mark.skipif(not HAS_AVX512, reason="the kernels need AVX-512 (the XLA ops run)")
 
-SHAPES = [((1024,), 512, 16), ((4, 37), 100, 5), ((9,), 33, 64), ((3,), 7, 17), ((2, 2, 5), 1376, 8), ((1,), 16, 1)]
+SHAPES = [((1024,), 512, 16), ((37,), 64, 20), ((5,), 96, 70), ((4, 37), 100, 5), ((9,), 33, 64), ((3,), 7, 17), ((2, 2, 5), 1376, 8), ((1,), 16, 1)]
 
 
 def _f32(a):
