@@ -439,12 +439,23 @@ def _xent_check(logits):
 
 
 @jax.jit
+def cpu_xent_fwd(logits, labels):
+    """(lse, picked): each row's logsumexp (fp32 [N]) of bfloat16 logits [N, V] and its logit at
+    ``labels`` (int32 [N] in [0, V); fp32); ``reference_xent_fwd``'s arithmetic. The one reader of
+    the logits besides ``cpu_xent_grad``, which overwrites them."""
+    _xent_check(logits)
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"cpu_xent_fwd takes labels of shape {logits.shape[:1]}; got {labels.shape}")
+    out = jax.ShapeDtypeStruct(logits.shape[:1], jnp.float32)
+    call = jax.ffi.ffi_call(XENT_TARGETS[0], (out, out), vmap_method="sequential")
+    return tuple(call(logits, labels.astype(jnp.int32)))
+
+
+@jax.jit
 def cpu_xent_lse(logits):
     """Each row's logsumexp (fp32 [N]) of bfloat16 logits [N, V]; ``reference_xent_lse``'s arithmetic."""
     _xent_check(logits)
-    call = jax.ffi.ffi_call(XENT_TARGETS[0], jax.ShapeDtypeStruct(logits.shape[:1], jnp.float32),
-                            vmap_method="sequential")
-    return call(logits)
+    return cpu_xent_fwd(logits, jnp.zeros(logits.shape[:1], jnp.int32))[0]
 
 
 @jax.jit
@@ -456,14 +467,23 @@ def cpu_xent_grad(logits, lse, labels, scale):
     if lse.shape != (n,) or labels.shape != (n,) or scale.shape != (n,):
         raise ValueError(f"cpu_xent_grad takes lse, labels and scale of shape ({n},); got {lse.shape}, "
                          f"{labels.shape}, {scale.shape}")
+    # in place of the logits, where they die here (the backward's): no fresh [N, V] buffer to fault in
+    # in place of the logits where they die here (the backward's; XLA copies them where they do
+    # not): no fresh [N, V] buffer to fault in
     call = jax.ffi.ffi_call(XENT_TARGETS[1], jax.ShapeDtypeStruct(logits.shape, logits.dtype),
-                            vmap_method="sequential")
+                            vmap_method="sequential", input_output_aliases={0: 0})
     return call(logits, lse.astype(jnp.float32), labels.astype(jnp.int32), scale.astype(jnp.float32))
 
 
 def reference_xent_lse(logits):
     """The pure-jnp twin of ``cpu_xent_lse``."""
     return jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+
+
+def reference_xent_fwd(logits, labels):
+    """The pure-jnp twin of ``cpu_xent_fwd``."""
+    picked = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)[:, 0].astype(jnp.float32)
+    return reference_xent_lse(logits), picked
 
 
 def reference_xent_grad(logits, lse, labels, scale):

@@ -33,6 +33,11 @@ def test_xent_kernels_match_their_twins(n, v):
     lse = cpu_nf4.cpu_xent_lse(logits)
     ref = cpu_nf4.reference_xent_lse(logits)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref), rtol=2e-6, atol=1e-6)
+    lse2, picked = cpu_nf4.cpu_xent_fwd(logits, labels)
+    ref2, picked_ref = cpu_nf4.reference_xent_fwd(logits, labels)
+    np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
+    np.testing.assert_allclose(np.asarray(ref2), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(picked), np.asarray(picked_ref))  # a bf16 value, exactly
     g = np.asarray(cpu_nf4.cpu_xent_grad(logits, ref, labels, scale), np.float32)
     g_ref = np.asarray(cpu_nf4.reference_xent_grad(logits, ref, labels, scale), np.float32)
     # exp within an ulp: a bf16 result one ulp apart at most, where the fp32 value sits on a boundary
@@ -66,3 +71,18 @@ def test_the_head_loss_runs_the_kernels_in_bf16():
     valid = jnp.arange(24) % 5 != 0
     txt = jax.jit(jax.grad(lambda h: linear_cross_entropy_sum(h, w, labels, valid))).lower(h).as_text()
     assert cpu_nf4.XENT_TARGETS[0] in txt and cpu_nf4.XENT_TARGETS[1] in txt
+
+
+@native
+def test_the_head_loss_overwrites_the_logits_with_their_gradient():
+    """The backward's gradient takes the logits' buffer (no fresh [N, V] one), without a copy of them:
+    after the forward's one kernel nothing else reads them."""
+    k = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(k[0], (64, 64)).astype(jnp.bfloat16)
+    w = (jax.random.normal(k[1], (500, 64)) * 0.2).astype(jnp.bfloat16)
+    labels = jax.random.randint(k[2], (64,), 0, 500)
+    valid = jnp.arange(64) % 5 != 0
+    grad = jax.jit(jax.value_and_grad(lambda h: linear_cross_entropy_sum(h, w, labels, valid)))  # the loss too
+    hlo = grad.lower(h).compile().as_text()
+    assert "output_to_operand_aliasing" in hlo
+    assert not any(" copy(" in line and "[64,500]" in line.split("=")[1][:20] for line in hlo.splitlines() if "=" in line)

@@ -2,9 +2,12 @@
 // (qlora_jax.kernels.cpu_nf4.cpu_xent_lse / cpu_xent_grad; ops.linear_cross_entropy_sum):
 //
 // - forward: lse [N] = logsumexp over each row of logits [N, V] (bf16), in fp32 as
-//   jax.nn.logsumexp: m = the row's max (0 where it is not finite), log(sum(exp(l - m))) + m;
+//   jax.nn.logsumexp: m = the row's max (0 where it is not finite), log(sum(exp(l - m))) + m; and
+//   each row's logit at its label;
 // - backward: g [N, V] = bf16((exp(l - lse) - onehot(label)) * scale), scale [N] (fp32) the loss
-//   cotangent of each row (0 for rows without a label).
+//   cotangent of each row (0 for rows without a label), written over the logits where they die
+//   there (XLA aliases them; fresh, the 65 MB of a small-preset step's g cost 10-50 ms of page
+//   faults).
 //
 // Written as XLA ops the same arithmetic took four passes over the [N, V] logits with fp32 copies
 // (the logits converted, then reduced, exp'd and converted back): 64 ms of a 0.46 s small-preset
@@ -66,14 +69,23 @@ float row_lse(const uint16_t* row, int64_t v) {
   return std::log(_mm512_reduce_add_ps(acc)) + mx;
 }
 
-ffi::Error XentFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> logits, ffi::Result<ffi::Buffer<ffi::F32>> lse) {
+// lse [N] and the label's logit [N] (fp32; 0 for a label outside [0, V)): the backward, which
+// overwrites the logits with their gradient in place, then reads nothing else of them
+ffi::Error XentFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> logits, ffi::Buffer<ffi::S32> labels,
+                       ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::F32>> picked) {
   auto d = logits.dimensions();
-  if (d.size() != 2) return ffi::Error::InvalidArgument("cpu xent: logits [N, V]");
+  if (d.size() != 2 || labels.element_count() != d[0])
+    return ffi::Error::InvalidArgument("cpu xent: logits [N, V] and labels [N]");
   const int64_t n = d[0], v = d[1];
   const uint16_t* l = reinterpret_cast<const uint16_t*>(logits.typed_data());
+  const int32_t* lab = labels.typed_data();
   float* out = lse->typed_data();
+  float* pick = picked->typed_data();
   auto work = [&](int64_t p) {
-    for (int64_t r = p * ROWS_PER_PART; r < std::min(n, (p + 1) * ROWS_PER_PART); ++r) out[r] = row_lse(l + r * v, v);
+    for (int64_t r = p * ROWS_PER_PART; r < std::min(n, (p + 1) * ROWS_PER_PART); ++r) {
+      out[r] = row_lse(l + r * v, v);
+      pick[r] = lab[r] >= 0 && lab[r] < v ? qlora_cpu::bf16_bits_to_f32(l[r * v + lab[r]]) : 0.0f;
+    }
   };
   qlora_cpu::parallel_parts(pool, (n + ROWS_PER_PART - 1) / ROWS_PER_PART, work);
   return ffi::Error::Success();
@@ -115,7 +127,12 @@ ffi::Error XentBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> logits, ffi:
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraXentFwd, XentFwdImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraXentBwd, XentBwdImpl,
                               ffi::Ffi::Bind()

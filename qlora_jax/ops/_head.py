@@ -50,9 +50,10 @@ def _fwd(h, w, labels, valid):
     from ..kernels import cpu_nf4
 
     logits = _logits(h, w)
-    l32 = logits.astype(jnp.float32)
-    lse = cpu_nf4.cpu_xent_lse(logits) if _xent_native(logits) else cpu_nf4.reference_xent_lse(logits)
-    picked = jnp.take_along_axis(l32, labels[:, None], axis=-1)[:, 0]
+    # the native backward overwrites the logits with their gradient: lse and the labels' logits come
+    # from one kernel, so that nothing else reads them after it (else XLA copies them first)
+    fwd = cpu_nf4.cpu_xent_fwd if _xent_native(logits) else cpu_nf4.reference_xent_fwd
+    lse, picked = fwd(logits, labels)
     return jnp.sum(jnp.where(valid, lse - picked, 0.0)), (h, w, logits, lse, labels, valid)
 
 
