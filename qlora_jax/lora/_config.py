@@ -1,4 +1,4 @@
-"""``LoraConfig``: PEFT's LoRA settings, same names and defaults (peft 0.21)."""
+"""``LoraConfig``: PEFT's LoRA settings, same names and defaults (peft 0.22)."""
 
 from __future__ import annotations
 

@@ -19,11 +19,12 @@ from ._layers import LoraLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_VERSION = "0.21.2"
+PEFT_VERSION = "0.22.0"
 
-# Every field peft 0.21.2's LoraConfig writes, with its defaults; ours are set over them.
+# Every field peft 0.22.0's LoraConfig writes, with its defaults; ours are set over them.
 _PEFT_DEFAULTS = {
-    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "astra_config": None,
+    "auto_mapping": None,
     "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
     "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
     "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
