@@ -405,8 +405,7 @@ ffi::Error operands(const ffi::Buffer<ffi::BF16>& q, const ffi::Buffer<ffi::BF16
   if (kd[0] != qd[0] || kd[3] != qd[3] || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3] ||
       md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[1] || kd[2] == 0 || qd[2] % kd[2] != 0 || qd[3] % 2 != 0)
     return ffi::Error::InvalidArgument("cpu attention: shapes do not agree (H a multiple of K, D even)");
-  auto bits = [](const ffi::Buffer<ffi::BF16>& x) { return reinterpret_cast<const uint16_t*>(x.typed_data()); };
-  o = Operands{make_dims(qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]), bits(q), bits(k), bits(v), bits(mask), scale};
+  o = Operands{make_dims(qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]), qlora_cpu::bf16_words(q), qlora_cpu::bf16_words(k), qlora_cpu::bf16_words(v), qlora_cpu::bf16_words(mask), scale};
   return ffi::Error::Success();
 }
 
@@ -425,7 +424,7 @@ ffi::Error AttentionFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
     pack_values(o.v + at, o.kv_row(), dm.t, dm.d, dm.d32, dm.t32 / 2, vv + i * dm.vpanel_words());
   };
   qlora_cpu::parallel_parts(pool, dm.b * dm.kh, pack);
-  uint16_t* ob = reinterpret_cast<uint16_t*>(out->typed_data());
+  uint16_t* ob = qlora_cpu::bf16_words(*out);
   float* st = stats->typed_data();
   const int64_t blocks = (dm.s + RB - 1) / RB;
   auto work = [&](int64_t i) {  // i = (b * H + h) * blocks + block
@@ -454,7 +453,7 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
   Operands o{};
   if (auto e = operands(q, k, v, mask, scale, o); e.failure()) return e;
   const Dims& dm = o.dm;
-  const uint16_t* go = reinterpret_cast<const uint16_t*>(dout.typed_data());
+  const uint16_t* go = qlora_cpu::bf16_words(dout);
   const float* st = stats.typed_data();
   thread_local CallBuffers buf;
   uint32_t* kk = buf.a.get<uint32_t>(dm.b * dm.kh * dm.kpanel_words());  // k as key panels: the scores
@@ -470,7 +469,7 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
     pack_values(o.k + at, o.kv_row(), dm.t, dm.d, dm.d32, dm.t32 / 2, kv + i * dm.vpanel_words());
   };
   qlora_cpu::parallel_parts(pool, dm.b * dm.kh, pack);
-  uint16_t* dqb = reinterpret_cast<uint16_t*>(dq->typed_data());
+  uint16_t* dqb = qlora_cpu::bf16_words(*dq);
   const __m512 scale_v = _mm512_set1_ps(scale);
   auto work = [&](int64_t bh) {  // one query head of one example, every block: owns its dk, dv sums
     thread_local Scratch sc_buf, p_buf, dp_buf, ds_buf, c_buf, live_buf, xv_buf, at_buf;
@@ -572,8 +571,8 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi:
   };
   qlora_cpu::parallel_parts(pool, dm.b * dm.h, work);
   // dk, dv: the query heads' sums of each key head added in head order, rounded to bf16
-  uint16_t* dkb = reinterpret_cast<uint16_t*>(dk->typed_data());
-  uint16_t* dvb = reinterpret_cast<uint16_t*>(dv->typed_data());
+  uint16_t* dkb = qlora_cpu::bf16_words(*dk);
+  uint16_t* dvb = qlora_cpu::bf16_words(*dv);
   auto reduce = [&](int64_t i) {  // i = b * K + key head
     const int64_t b = i / dm.kh, kh = i % dm.kh;
     for (int64_t t = 0; t < dm.t; ++t)

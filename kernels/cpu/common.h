@@ -1,6 +1,6 @@
-// Shared by the native CPU kernels (nf4_gemv.cc, nf4_gemm.cc, attention.cc): bfloat16 <-> float32 bit
-// conversions, the 16 x 16 word transpose, AMX tile permission and configuration, and the split of
-// a kernel's work over XLA's intra-op thread pool.
+// Shared by the native CPU kernels (kernels/cpu/*.cc): bfloat16 <-> float32 bit conversions, FFI
+// buffers as bf16 words and as rows, the 16 x 16 word transpose, AMX tile permission and
+// configuration, and the split of a kernel's work over XLA's intra-op thread pool.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +10,7 @@
 #include <atomic>
 #include <memory>
 #include <thread>
+#include <utility>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -37,6 +38,20 @@ inline uint16_t f32_to_bf16_bits(float f) {  // round to nearest even, NaN kept 
 }
 
 inline float round_bf16(float f) { return bf16_bits_to_f32(f32_to_bf16_bits(f)); }
+
+// An XLA FFI bf16 buffer's elements as their 16-bit words (for a result: bf16_words(*out))
+template <typename B>
+inline uint16_t* bf16_words(const B& b) { return reinterpret_cast<uint16_t*>(b.untyped_data()); }
+
+// An FFI buffer [..., C] as rows [N, C] (any leading dims, row-major): {N, C}, or {-1, -1} for a scalar
+template <typename B>
+std::pair<int64_t, int64_t> rows_cols(const B& b) {
+  auto d = b.dimensions();
+  if (d.size() == 0) return {-1, -1};
+  int64_t n = 1;
+  for (size_t i = 0; i + 1 < d.size(); ++i) n *= d[i];
+  return {n, d[d.size() - 1]};
+}
 
 #if defined(__AVX512F__)
 // fp32 bits plus the round-to-nearest-even bias of their bf16 rounding (the bf16 is the high half;

@@ -48,18 +48,10 @@ using qlora_cpu::bf16_bits;
 using qlora_cpu::bf16_round;
 using qlora_cpu::lanes;
 using qlora_cpu::load_bf16;
+using qlora_cpu::rows_cols;
 
 constexpr int64_t kRowsPerPart = 32;
 
-// An operand [..., C] as rows [N, C] (any leading dims, row-major): {N, C}, or {-1, -1} for a scalar
-template <typename B>
-std::pair<int64_t, int64_t> rows_cols(const B& b) {
-  auto d = b.dimensions();
-  if (d.size() == 0) return {-1, -1};
-  int64_t n = 1;
-  for (size_t i = 0; i + 1 < d.size(); ++i) n *= d[i];
-  return {n, d[d.size() - 1]};
-}
 
 // The partial sums of outputs j0 .. j0 + NJ of one row over x's 16-column chunks [kb0, kb1),
 // 16 lanes each, continued in acc (NJ x 16 fp32). ap: a packed as [chunk][r][16] (zeros past C),
@@ -219,7 +211,7 @@ ffi::Error LoraDown(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
   if (n < 0 || r < 0 || a.dimensions()[1] != c || rows_cols(*y) != std::make_pair(n, r))
     return ffi::Error::InvalidArgument("cpu lora down: x [..., C], a [r, C] and y [..., r]");
   static constexpr auto table = down_table(std::make_integer_sequence<int, 16>{});
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const uint16_t* xs = qlora_cpu::bf16_words(x);
   const float* as = a.typed_data();
   float* ys = y->typed_data();
 #ifdef QLORA_LORA_AMX
@@ -309,15 +301,15 @@ ffi::Error LoraUpAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> base, ffi::Buf
   if (c == 0 || rows_cols(base) != std::make_pair(n, c) || base.element_count() != out->element_count())
     return ffi::Error::InvalidArgument("cpu lora up: base [..., C], h [..., r] and a [r, C]");
   return UpImpl(pool, h.typed_data(), n, r, a.typed_data(), c,
-                reinterpret_cast<const uint16_t*>(base.typed_data()), scaling, round_first,
-                reinterpret_cast<uint16_t*>(out->typed_data()));
+                qlora_cpu::bf16_words(base), scaling, round_first,
+                qlora_cpu::bf16_words(*out));
 }
 
 ffi::Error LoraUp(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> a,
                   ffi::Result<ffi::Buffer<ffi::BF16>> out, float scaling) {
   const auto [n, r, c] = up_shapes(h, a, *out);
   if (c == 0) return ffi::Error::InvalidArgument("cpu lora up: h [..., r] and a [r, C]");
-  return UpImpl(pool, h.typed_data(), n, r, a.typed_data(), c, nullptr, scaling, false, reinterpret_cast<uint16_t*>(out->typed_data()));
+  return UpImpl(pool, h.typed_data(), n, r, a.typed_data(), c, nullptr, scaling, false, qlora_cpu::bf16_words(*out));
 }
 
 // Columns [j, j + 32) (two vectors, `in0` / `in1` lanes valid) of out rows t0 .. t0 + NT: the sums
@@ -369,7 +361,7 @@ ffi::Error LoraGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<f
     return ffi::Error::InvalidArgument("cpu lora grad: h [..., r], y [..., C] and out [r, C]");
   static constexpr auto table = grad_table(std::make_integer_sequence<int, 8>{});
   const float* hs = h.typed_data();
-  const uint16_t* ys = reinterpret_cast<const uint16_t*>(y.typed_data());
+  const uint16_t* ys = qlora_cpu::bf16_words(y);
   float* os = out->typed_data();
   const int64_t parts = std::max<int64_t>(1, (n + kGradRows - 1) / kGradRows);
   thread_local qlora_cpu::Scratch partials;

@@ -583,8 +583,8 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const Weight w{codes.typed_data(), absmax.typed_data(), n, k, blocksize,
                  (blocksize & (blocksize - 1)) == 0 ? __builtin_ctzll(blocksize) : -1};
   const float* t = table.typed_data();
-  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.typed_data());
-  uint16_t* yb = reinterpret_cast<uint16_t*>(y->typed_data());
+  const uint16_t* xb = qlora_cpu::bf16_words(x);
+  uint16_t* yb = qlora_cpu::bf16_words(*y);
 #ifdef QLORA_GEMM_AMX
   if (amx_granted()) {
     auto rows = [&](const auto& run) {
@@ -641,10 +641,10 @@ ffi::Error DenseGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
   if (xd[1] != (transpose ? n : k) || yd[1] != (transpose ? k : n) || k % 32 != 0 || (transpose && n % 2 != 0))
     return ffi::Error::InvalidArgument("dense_gemm: shapes do not match, or K is not a multiple of 32 (N odd backward)");
   if (!amx_granted()) return ffi::Error::Internal("dense_gemm: AMX is not available");
-  const DenseRows src{reinterpret_cast<const uint16_t*>(weight.typed_data()), n, k};
+  const DenseRows src{qlora_cpu::bf16_words(weight), n, k};
   auto rows = [&](const auto& run) { run(src); };
-  amx_gemm(pool, n, k, rows, transpose, reinterpret_cast<const uint16_t*>(x.typed_data()), xd[0],
-           reinterpret_cast<uint16_t*>(y->typed_data()));
+  amx_gemm(pool, n, k, rows, transpose, qlora_cpu::bf16_words(x), xd[0],
+           qlora_cpu::bf16_words(*y));
   return ffi::Error::Success();
 }
 }  // namespace

@@ -282,7 +282,7 @@ ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   const int64_t per = (n + parts - 1) / parts;
   auto finish = [&] {
     if (bf16) {
-      uint16_t* yb = reinterpret_cast<uint16_t*>(y->untyped_data());
+      uint16_t* yb = qlora_cpu::bf16_words(*y);
       for (int64_t i = 0; i < m * n; ++i) yb[i] = f32_to_bf16_bits(acc[i]);
     } else {
       std::memcpy(y->untyped_data(), acc.data(), sizeof(float) * m * n);
@@ -291,7 +291,7 @@ ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   };
 #ifdef QLORA_AVX512_BF16
   if (bf16 && k % 64 == 0 && blocksize % 64 == 0) {  // x as bf16 words grouped as even then odd per 64
-    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
+    const uint16_t* xb = qlora_cpu::bf16_words(x);
     std::vector<uint16_t> xs(m * k);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t g = 0; g < k / 64; ++g)
@@ -307,7 +307,7 @@ ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   // x in fp32 (and, for the vector path, grouped as even then odd elements per 32)
   std::vector<float> xf(m * k);
   if (bf16) {
-    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
+    const uint16_t* xb = qlora_cpu::bf16_words(x);
     for (int64_t i = 0; i < m * k; ++i) xf[i] = bf16_bits_to_f32(xb[i]);
   } else {
     std::memcpy(xf.data(), x.untyped_data(), sizeof(float) * m * k);

@@ -50,9 +50,8 @@ ffi::Error RopeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
       sd[0] != cd[0] || sd[1] != cd[1] || sd[2] != cd[2] || xd[3] % 2 != 0)
     return ffi::Error::InvalidArgument("cpu rope: x [B, S, H, D] (D even), cos and sin [B, S, D]");
   const int64_t rows = xd[0] * xd[1], heads = xd[2], d = xd[3], half = d / 2;
-  auto bits = [](const ffi::Buffer<ffi::BF16>& b) { return reinterpret_cast<const uint16_t*>(b.typed_data()); };
-  const uint16_t *xs = bits(x), *cs = bits(cos), *ss = bits(sin);
-  uint16_t* os = reinterpret_cast<uint16_t*>(out->typed_data());
+  const uint16_t *xs = qlora_cpu::bf16_words(x), *cs = qlora_cpu::bf16_words(cos), *ss = qlora_cpu::bf16_words(sin);
+  uint16_t* os = qlora_cpu::bf16_words(*out);
   constexpr int64_t kRowsPerPart = 16;
   auto work = [&](int64_t p) {
     for (int64_t r = p * kRowsPerPart; r < std::min(rows, (p + 1) * kRowsPerPart); ++r) {

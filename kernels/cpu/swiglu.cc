@@ -44,8 +44,6 @@ using qlora_cpu::load_bf16;
 
 constexpr int64_t kPart = 8192;  // elements a task
 
-const uint16_t* bits(const ffi::Buffer<ffi::BF16>& b) { return reinterpret_cast<const uint16_t*>(b.typed_data()); }
-uint16_t* bits(ffi::Result<ffi::Buffer<ffi::BF16>>& b) { return reinterpret_cast<uint16_t*>(b->typed_data()); }
 
 bool same_shape(const ffi::Buffer<ffi::BF16>& a, const ffi::Buffer<ffi::BF16>& b) {
   auto da = a.dimensions(), db = b.dimensions();
@@ -66,8 +64,8 @@ ffi::Error SwigluFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> g, ffi::Buffer
                      ffi::Result<ffi::Buffer<ffi::BF16>> h) {
   if (!same_shape(g, u)) return ffi::Error::InvalidArgument("cpu swiglu: g and u of one shape");
   const int64_t n = g.element_count();
-  const uint16_t *gs = bits(g), *us = bits(u);
-  uint16_t* hs = bits(h);
+  const uint16_t *gs = qlora_cpu::bf16_words(g), *us = qlora_cpu::bf16_words(u);
+  uint16_t* hs = qlora_cpu::bf16_words(*h);
   auto work = [&](int64_t p) {
     for (int64_t i = p * kPart; i < std::min(n, (p + 1) * kPart); i += 16) {
       const __mmask16 in = lanes(n - i);
@@ -85,8 +83,8 @@ ffi::Error SwigluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> g, ffi::Buffer
                      ffi::Result<ffi::Buffer<ffi::BF16>> du) {
   if (!same_shape(g, u) || !same_shape(g, dh)) return ffi::Error::InvalidArgument("cpu swiglu: g, u and dh of one shape");
   const int64_t n = g.element_count();
-  const uint16_t *gs = bits(g), *us = bits(u), *dhs = bits(dh);
-  uint16_t *dgs = bits(dg), *dus = bits(du);
+  const uint16_t *gs = qlora_cpu::bf16_words(g), *us = qlora_cpu::bf16_words(u), *dhs = qlora_cpu::bf16_words(dh);
+  uint16_t *dgs = qlora_cpu::bf16_words(*dg), *dus = qlora_cpu::bf16_words(*du);
   auto work = [&](int64_t p) {
     for (int64_t i = p * kPart; i < std::min(n, (p + 1) * kPart); i += 16) {
       const __mmask16 in = lanes(n - i);

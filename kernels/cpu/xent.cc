@@ -77,7 +77,7 @@ ffi::Error XentFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> logits, ffi:
   if (d.size() != 2 || labels.element_count() != d[0])
     return ffi::Error::InvalidArgument("cpu xent: logits [N, V] and labels [N]");
   const int64_t n = d[0], v = d[1];
-  const uint16_t* l = reinterpret_cast<const uint16_t*>(logits.typed_data());
+  const uint16_t* l = qlora_cpu::bf16_words(logits);
   const int32_t* lab = labels.typed_data();
   float* out = lse->typed_data();
   float* pick = picked->typed_data();
@@ -99,11 +99,11 @@ ffi::Error XentBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> logits, ffi:
       scale.element_count() != d[0])
     return ffi::Error::InvalidArgument("cpu xent: logits [N, V], lse, labels and scale [N]");
   const int64_t n = d[0], v = d[1];
-  const uint16_t* l = reinterpret_cast<const uint16_t*>(logits.typed_data());
+  const uint16_t* l = qlora_cpu::bf16_words(logits);
   const float* ls = lse.typed_data();
   const int32_t* lab = labels.typed_data();
   const float* sc = scale.typed_data();
-  uint16_t* out = reinterpret_cast<uint16_t*>(g->typed_data());
+  uint16_t* out = qlora_cpu::bf16_words(*g);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   auto work = [&](int64_t p) {
     for (int64_t r = p * ROWS_PER_PART; r < std::min(n, (p + 1) * ROWS_PER_PART); ++r) {
