@@ -126,6 +126,30 @@ def test_frozen_base_gets_no_gradient_buffer(base):
     assert sum(x.size for x in leaves) == qlora_jax.lora.count_parameters(model)[0]
 
 
+def test_step_gives_the_compilers_heap_back_after_compiling(base, monkeypatch):
+    """The call that compiles the step trims the host heap (once the compile is done, and again once
+    that call's outputs are ready); later calls, which compile nothing, do not."""
+    from qlora_jax.models import _checkpoint
+
+    trims = []
+    monkeypatch.setattr(_checkpoint, "release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(_checkpoint, "_LONG_COMPILE_SECONDS", 0.0)  # the tiny step compiles fast
+    model = qlora_jax.from_pretrained(base, quantization=qlora_jax.QuantConfig())
+    qlora_jax.apply_lora(model, qlora_jax.LoraConfig(r=4, target_modules="all-linear"))
+    parts = split_model(model)
+    tx = make_optimizer(1e-3, num_training_steps=2)
+    step = make_train_step(parts.graphdef, tx)
+    assert hasattr(step, "lower")  # still the jitted function for AOT use
+    batch = _stack(_batches(1))  # one micro-batch
+    state = (parts.trainable, parts.rngs, qlora_jax.train.init_opt_state(tx, parts.trainable))
+    trims.clear()
+    t, r, o, _ = step(state[0], state[1], parts.frozen, state[2], batch)
+    assert len(trims) >= 2
+    trims.clear()
+    t, r, o, metrics = step(t, r, parts.frozen, o, batch)
+    assert trims == [] and np.isfinite(float(metrics["loss"]))
+
+
 @pytest.mark.parametrize("kind", ["constant", "constant_with_warmup", "linear", "cosine"])
 def test_schedules_match_transformers(kind):
     p = torch.nn.Parameter(torch.zeros(1))

@@ -136,7 +136,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate
                     growth_interval: int = 2000, in_shardings=None, out_shardings=None, opt_state=None,
                     trainable=None, rngs=None):
     """``step(trainable, rngs, frozen, opt_state, batch) -> (trainable, rngs, opt_state, metrics)``,
-    jitted, with the adapters, RNG state and optimizer state donated. ``in_shardings`` /
+    jitted (and the host heap trimmed after the call that compiles it), with the adapters, RNG state and optimizer state donated. ``in_shardings`` /
     ``out_shardings`` (as ``jax.jit`` takes them, one entry per argument / result) place the step
     on a mesh; None leaves placement to the inputs (one device). Or pass the placed values: the
     step then keeps them where they are, in and out: ``opt_state`` (from ``init_opt_state``;
@@ -153,4 +153,28 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, donate
         kw["in_shardings"] = in_shardings
     if out_shardings is not None:
         kw["out_shardings"] = out_shardings
-    return jax.jit(fn, donate_argnums=(0, 1, 3) if donate else (), **kw)
+    return _TrimmingStep(jax.jit(fn, donate_argnums=(0, 1, 3) if donate else (), **kw))
+
+
+class _TrimmingStep:
+    """A jitted step that, after a call that compiled it, gives the compiler's freed heap memory
+    back to the OS (``release_memory_after_compile``; a few hundred MB on XLA:CPU, where the host
+    heap is the device's memory). Everything else (``lower``, ``eval_shape``, ...) is the jitted
+    function's."""
+
+    def __init__(self, jitted):
+        from ..models._checkpoint import watch_compiles
+
+        watch_compiles()
+        self._jitted = jitted
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        from ..models._checkpoint import release_memory_after_compile
+
+        out = self._jitted(*args, **kwargs)
+        release_memory_after_compile(wait_for=out)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._jitted, name)
