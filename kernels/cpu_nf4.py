@@ -7,7 +7,8 @@ with XLA as FFI custom calls:
   backward (dy @ W), with AMX tiles (Intel Sapphire Rapids and later, where Linux grants them),
   AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the same bf16 values
   (``gemm_available()``, ``gemm_isa()``);
-- ``cpu_dense_gemm`` (``cpu/nf4_gemm.cc``, AMX only): the same products with a dense bf16 weight
+- ``cpu_dense_gemm`` (``cpu/nf4_gemm.cc``, AMX or AVX-512 BF16): the same products with a dense
+  bf16 weight
   (the LM head: ``ops.linear_cross_entropy_sum``);
 - ``cpu_attention`` and ``cpu_attention_bwd`` (``cpu/attention.cc``): grouped-query attention for
   training in bfloat16, forward and backward, with AVX-512 BF16 dot products, their products on
@@ -149,7 +150,7 @@ def _load() -> bool:
         if isa:
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemm), platform="cpu")
             _STATE["gemm"] = {3: "amx_bf16", 2: "avx512_bf16", 1: "avx2"}[isa]
-        if isa == 3:  # the dense bf16 products (the LM head) on the same AMX blocks
+        if isa >= 2:  # the dense bf16 products (the LM head) on the same blocks (AMX or AVX-512 BF16)
             jax.ffi.register_ffi_target(DENSE_GEMM_TARGET, jax.ffi.pycapsule(lib.QloraDenseGemm), platform="cpu")
         if lib.QloraAttentionSupported():  # AVX-512 BF16
             for target, fn in zip(ATTENTION_TARGETS, (lib.QloraAttentionFwd, lib.QloraAttentionBwd)):
@@ -315,22 +316,23 @@ def cpu_gemm(x2, codes, absmax, table, *, n: int, k: int, blocksize: int, transp
 
 
 def dense_gemm_supported(n: int, k: int, dtype, *, transpose: bool) -> bool:
-    """Whether ``cpu_dense_gemm`` runs here for a bf16 weight [n, k]: AMX, bfloat16, K a multiple of
-    32 and, for the backward, an even N."""
-    return (_load() and _STATE["gemm"] == "amx_bf16" and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
-            and k % 32 == 0 and (n % 2 == 0 or not transpose))
+    """Whether ``cpu_dense_gemm`` runs here for a bf16 weight [n, k]: AMX or AVX-512 BF16, bfloat16,
+    K a multiple of 32 and, for the backward, an even N."""
+    return (_load() and _STATE["gemm"] in ("amx_bf16", "avx512_bf16")
+            and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and k % 32 == 0 and (n % 2 == 0 or not transpose))
 
 
 @functools.partial(jax.jit, static_argnames=("transpose",))
 def cpu_dense_gemm(x2, w, *, transpose: bool = False):
-    """bfloat16 products with a dense bf16 weight ``w`` [n, k] on AMX (the LM head): ``x2 [M, k] @
-    w^T -> [M, n]``, or with ``transpose`` ``x2 [M, n] @ w -> [M, k]``; fp32 sums rounded to bf16."""
+    """bfloat16 products with a dense bf16 weight ``w`` [n, k] on AMX or AVX-512 BF16 (the LM head):
+    ``x2 [M, k] @ w^T -> [M, n]``, or with ``transpose`` ``x2 [M, n] @ w -> [M, k]``; fp32 sums
+    rounded to bf16."""
     n, k = w.shape
     if not dense_gemm_supported(n, k, x2.dtype, transpose=transpose) or w.dtype != x2.dtype \
             or x2.ndim != 2 or x2.shape[1] != (n if transpose else k):
-        raise ValueError(f"cpu_dense_gemm takes bfloat16 [M, {n if transpose else k}] inputs for a bfloat16 [{n}, {k}] "
-                         f"weight on a CPU with AMX (K a multiple of 32); got {x2.dtype} {x2.shape}, weight "
-                         f"{w.dtype}, GEMM kernel {gemm_isa()}")
+        raise ValueError(f"cpu_dense_gemm takes bfloat16 [M, {n if transpose else k}] inputs for a bfloat16 "
+                         f"[{n}, {k}] weight on a CPU with AMX or AVX-512 BF16 (K a multiple of 32); got "
+                         f"{x2.dtype} {x2.shape}, weight {w.dtype}, GEMM kernel {gemm_isa()}")
     call = jax.ffi.ffi_call(DENSE_GEMM_TARGET, jax.ShapeDtypeStruct((x2.shape[0], k if transpose else n), x2.dtype),
                             vmap_method="sequential")
     return call(x2, w, transpose=transpose)

@@ -329,14 +329,15 @@ def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
 @pytest.mark.parametrize("n,k,m", [(70, 96, 100), (300, 64, 32), (1030, 512, 45), (4130, 64, 40), (1030, 512, 1),
                                    (70, 96, 3)])
 def test_dense_gemm_matches_its_twin(n, k, m, transpose):
-    # the LM head's products on AMX: N past the 32-column panels (70, 300, 1030), M with and without
-    # a partial 32-row block and decode's few rows, backward reductions N not a multiple of 32 (the
-    # input copied) and past 2048 (4130: chunks, the sums carried)
+    # the LM head's products (AMX, or AVX-512 BF16 dot products): N past the 32-column panels (70,
+    # 300, 1030), M with and without a partial 32-row block (12-row tiles without AMX) and decode's
+    # few rows, backward reductions N not a multiple of 32 (the input copied on AMX) and past 2048
+    # (4130: chunks on AMX, the sums carried)
     x = jax.random.normal(jax.random.key(1), (m, n if transpose else k)).astype(jnp.bfloat16)
     w = (0.1 * jax.random.normal(jax.random.key(2), (n, k))).astype(jnp.bfloat16)
-    if not cpu_nf4.dense_gemm_supported(n, k, jnp.bfloat16, transpose=transpose):  # no AMX here: a clear refusal
-        assert cpu_nf4.gemm_isa() != "amx_bf16"
-        with pytest.raises(ValueError, match="on a CPU with AMX"):
+    if not cpu_nf4.dense_gemm_supported(n, k, jnp.bfloat16, transpose=transpose):  # neither: a clear refusal
+        assert cpu_nf4.gemm_isa() not in ("amx_bf16", "avx512_bf16")
+        with pytest.raises(ValueError, match="AMX or AVX-512 BF16"):
             cpu_nf4.cpu_dense_gemm(x, w, transpose=transpose)
         return
     ours = cpu_nf4.cpu_dense_gemm(x, w, transpose=transpose)
@@ -345,9 +346,9 @@ def test_dense_gemm_matches_its_twin(n, k, m, transpose):
 
 
 def test_a_dense_product_of_few_rows_runs_on_the_kernel_with_autodiffs_gradient():
-    # decode's LM head: up to DENSE_KERNEL_ROWS rows of bf16 x against a dense bf16 weight take the
-    # AMX kernel (XLA's one-row dot is slow on CPU), not more rows, not backend="xla"; gradients
-    # are the XLA product's
+    # decode's LM head: up to dense_kernel_rows() rows of bf16 x (4 on AMX, 1 with AVX-512 BF16)
+    # against a dense bf16 weight take the kernel (XLA's one-row dot is slow on CPU), not more rows,
+    # not backend="xla"; gradients are the XLA product's
     from qlora_jax.ops import _qmatmul
 
     w = (0.1 * jax.random.normal(jax.random.key(2), (1030, 512))).astype(jnp.bfloat16)
@@ -355,7 +356,9 @@ def test_a_dense_product_of_few_rows_runs_on_the_kernel_with_autodiffs_gradient(
                                    ((1, 5, 512), "auto", False), ((1, 1, 512), "xla", False)]:
         x = jax.random.normal(jax.random.key(1), shape).astype(jnp.bfloat16)
         hlo = jax.jit(lambda a, b: qmatmul(a, b, backend=backend)).lower(x, w).as_text()
-        assert (cpu_nf4.DENSE_GEMM_TARGET in hlo) == (native and _amx_here()), (shape, backend)
+        rows = shape[0] * shape[1]
+        expect = native and rows <= {"amx_bf16": 4, "avx512_bf16": 1}.get(cpu_nf4.gemm_isa(), 0)
+        assert (cpu_nf4.DENSE_GEMM_TARGET in hlo) == expect, (shape, backend)
         ours = qmatmul(x, w, backend=backend)
         assert ours.shape == (*shape[:-1], 1030) and ours.dtype == jnp.bfloat16
         _close(ours.reshape(-1, 1030), _qmatmul._dot_t(x, w).reshape(-1, 1030), "bfloat16")

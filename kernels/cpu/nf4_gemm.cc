@@ -97,27 +97,57 @@ inline void decode32(const Weight& w, int64_t row, int64_t c0, const Table& tabl
   odd = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)), scaled);
 }
 
+// Where a panel's weights come from: the packed 4-bit weight (decoded as dequantize(w, bf16)
+// rounds it) or a dense bf16 one (the LM head); rows() x width() elements. words(): the 16 bf16 pairs of elements c0 .. c0+31
+// of a row, pair i = elements (2i, 2i+1), the first in the low half; split(): even and odd elements
+// in the low halves of two vectors.
+struct QuantizedRows {
+  const Weight& w;
+  const Table& table;
+  int64_t rows() const { return w.n; }
+  int64_t width() const { return w.k; }
+  __m512i words(int64_t row, int64_t c0) const {
+    __m512i even, odd;
+    decode32(w, row, c0, table, even, odd);
+    return _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));
+  }
+  void split(int64_t row, int64_t c0, __m512i& even, __m512i& odd) const { decode32(w, row, c0, table, even, odd); }
+};
+
+struct DenseRows {
+  const uint16_t* w;  // [n, k] bf16, row-major
+  int64_t n, k;
+  int64_t rows() const { return n; }
+  int64_t width() const { return k; }
+  __m512i words(int64_t row, int64_t c0) const { return _mm512_loadu_si512(w + row * k + c0); }
+  void split(int64_t row, int64_t c0, __m512i& even, __m512i& odd) const {
+    const __m512i v = words(row, c0);
+    even = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF));
+    odd = _mm512_srli_epi32(v, 16);
+  }
+};
+
 // Forward panel: columns = W's rows n0 .. n0+31 (zeros past N), pairs over K.
-void pack_forward(const Weight& w, int64_t n0, const Table& table, uint32_t* panel) {
-  const int64_t pairs = w.k / 2, cols = std::min<int64_t>(NR, w.n - n0);
+template <typename Rows>
+void pack_forward(const Rows& src, int64_t n0, uint32_t* panel) {
+  const int64_t k = src.width(), pairs = k / 2, cols = std::min<int64_t>(NR, src.rows() - n0);
   if (cols < NR) std::memset(panel, 0, sizeof(uint32_t) * pairs * NR);
   alignas(64) uint32_t words[16];
   for (int64_t j = 0; j < cols; ++j)
-    for (int64_t c0 = 0; c0 < w.k; c0 += 32) {
-      __m512i even, odd;
-      decode32(w, n0 + j, c0, table, even, odd);
-      _mm512_store_si512(words, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    for (int64_t c0 = 0; c0 < k; c0 += 32) {
+      _mm512_store_si512(words, src.words(n0 + j, c0));
       uint32_t* dst = panel + (c0 / 2) * NR + j;
       for (int i = 0; i < 16; ++i) dst[i * NR] = words[i];
     }
 }
 
 // Backward panel: columns = W's columns k0 .. k0+31 (even ones, then odd ones), pairs over N.
-void pack_backward(const Weight& w, int64_t k0, const Table& table, uint32_t* panel) {
-  for (int64_t q = 0; q < w.n / 2; ++q) {
+template <typename Rows>
+void pack_backward(const Rows& src, int64_t k0, uint32_t* panel) {
+  for (int64_t q = 0; q < src.rows() / 2; ++q) {
     __m512i e0, o0, e1, o1;
-    decode32(w, 2 * q, k0, table, e0, o0);
-    decode32(w, 2 * q + 1, k0, table, e1, o1);
+    src.split(2 * q, k0, e0, o0);
+    src.split(2 * q + 1, k0, e1, o1);
     _mm512_store_si512(panel + q * NR, _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16)));
     _mm512_store_si512(panel + q * NR + 16, _mm512_or_si512(o0, _mm512_slli_epi32(o1, 16)));
   }
@@ -192,15 +222,37 @@ void tiles_from(const uint32_t* xp, const uint32_t* panel, int64_t pairs, uint16
 
 // The output columns c0 .. c0+cols-1 (one panel) for every row of the input: the panel decoded
 // once over the whole reduction, then every tile of the input against it.
-void panel_product(const Weight& w, const Table& table, int64_t c0, int64_t cols, bool transpose,
-                   const uint32_t* xp, int64_t m, int64_t pairs, uint16_t* y, int64_t ldy) {
+template <typename Rows>
+void panel_product(const Rows& src, int64_t c0, int64_t cols, bool transpose, const uint32_t* xp, int64_t m,
+                   int64_t pairs, uint16_t* y, int64_t ldy) {
   thread_local qlora_cpu::Scratch panel_buffer;
   uint32_t* panel = panel_buffer.get<uint32_t>(pairs * NR);
-  if (transpose) pack_backward(w, c0, table, panel);
-  else pack_forward(w, c0, table, panel);
+  if (transpose) pack_backward(src, c0, panel);
+  else pack_forward(src, c0, panel);
   for (int64_t i = 0; i * MR < m; ++i)
     tiles_from<MR>(xp + i * pairs * MR, panel, pairs, y + i * MR * ldy + c0, ldy, cols, transpose,
                    std::min<int64_t>(MR, m - i * MR));
+}
+
+// y [M, C] for x [M, R] with AVX-512 BF16 dot products: the input packed by tiles of MR rows (in
+// the calling thread's buffer: kernels running side by side on other threads have their own), then
+// one panel of columns a task. make_rows(): as amx_gemm's.
+template <typename MakeRows>
+void dot_gemm(ffi::ThreadPool& pool, int64_t n, int64_t k, const MakeRows& make_rows, bool transpose,
+              const uint16_t* x, int64_t m, uint16_t* y) {
+  const int64_t cols_total = transpose ? k : n, red = transpose ? n : k, steps = red / STEP;
+  const int64_t panels = (cols_total + NR - 1) / NR, tiles = (m + MR - 1) / MR;
+  thread_local qlora_cpu::Scratch input_buffer;
+  uint32_t* xp = input_buffer.get<uint32_t>(tiles * steps * MR);
+  auto pack = [&](int64_t t) { pack_input(x, m, steps, t, xp); };
+  qlora_cpu::parallel_parts(pool, tiles, pack);
+  auto work = [&](int64_t p) {  // one panel of columns
+    const int64_t c0 = p * NR;
+    make_rows([&](const auto& src) {
+      panel_product(src, c0, std::min<int64_t>(NR, cols_total - c0), transpose, xp, m, steps, y, cols_total);
+    });
+  };
+  qlora_cpu::parallel_parts(pool, panels, work);
 }
 
 #ifdef QLORA_GEMM_AMX
@@ -221,34 +273,6 @@ constexpr int64_t AMX_GROUP_BYTES = 512 << 10;
 // LM head's backward, 32000; down_proj, 5632) runs in chunks with the sums carried, so that groups
 // of panels stay in L2 and the input is read once a group, not once a panel.
 constexpr int64_t AMX_CHUNK_STEPS = 64;
-
-// Where a panel's weights come from: the packed 4-bit weight (decoded as dequantize(w, bf16)
-// rounds it) or a dense bf16 one (the LM head). words(): the 16 bf16 pairs of elements c0 .. c0+31
-// of a row, pair i = elements (2i, 2i+1), the first in the low half; split(): even and odd elements
-// in the low halves of two vectors.
-struct QuantizedRows {
-  const Weight& w;
-  const Table& table;
-  int64_t rows() const { return w.n; }
-  __m512i words(int64_t row, int64_t c0) const {
-    __m512i even, odd;
-    decode32(w, row, c0, table, even, odd);
-    return _mm512_or_si512(even, _mm512_slli_epi32(odd, 16));
-  }
-  void split(int64_t row, int64_t c0, __m512i& even, __m512i& odd) const { decode32(w, row, c0, table, even, odd); }
-};
-
-struct DenseRows {
-  const uint16_t* w;  // [n, k] bf16, row-major
-  int64_t n, k;
-  int64_t rows() const { return n; }
-  __m512i words(int64_t row, int64_t c0) const { return _mm512_loadu_si512(w + row * k + c0); }
-  void split(int64_t row, int64_t c0, __m512i& even, __m512i& odd) const {
-    const __m512i v = words(row, c0);
-    even = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF));
-    odd = _mm512_srli_epi32(v, 16);
-  }
-};
 
 // Forward panel: columns = W's rows n0 .. n0+31 (zeros past N), steps s0 .. s0+steps-1 over K.
 // Sixteen rows' 32-element groups give 16 words each (a tile's columns), transposed into the tile's rows.
@@ -595,6 +619,13 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     return ffi::Error::Success();
   }
 #endif
+#if QLORA_GEMM_ISA == 2
+  auto rows = [&](const auto& run) {
+    const Table table(t);
+    run(QuantizedRows{w, table});
+  };
+  dot_gemm(pool, n, k, rows, transpose, xb, m, yb);
+#else
   const int64_t cols_total = transpose ? k : n, red = transpose ? n : k, steps = red / STEP;
   const int64_t panels = (cols_total + NR - 1) / NR, tiles = (m + MR - 1) / MR;
   // the packed input, in this (calling) thread's buffer: kernels running side by side on other
@@ -608,6 +639,7 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     panel_product(w, Table(t), c0, std::min<int64_t>(NR, cols_total - c0), transpose, xp, m, steps, yb, cols_total);
   };
   qlora_cpu::parallel_parts(pool, panels, work);
+#endif
   return ffi::Error::Success();
 }
 
@@ -625,11 +657,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4Gemm, Nf4GemmImpl,
                                   .Attr<bool>("transpose"));
 #endif
 
-#ifdef QLORA_GEMM_AMX
+#if QLORA_GEMM_ISA == 2
 namespace {
-// Dense bf16 products on AMX (the LM head and its input gradient), the same blocks as the 4-bit
-// weight's with the panel read from a bf16 weight [N, K]: forward y [M, N] = x [M, K] @ W^T,
-// backward dx [M, K] = dy [M, N] @ W. Needs K a multiple of 32 and, backward, N even.
+// Dense bf16 products (the LM head and its input gradient), the same blocks as the 4-bit weight's
+// (AMX where granted, else AVX-512 BF16 dot products) with the panel read from a bf16 weight
+// [N, K]: forward y [M, N] = x [M, K] @ W^T, backward dx [M, K] = dy [M, N] @ W. Needs K a
+// multiple of 32 and, backward, N even.
 ffi::Error DenseGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> weight,
                          ffi::Result<ffi::Buffer<ffi::BF16>> y, bool transpose) {
   auto xd = x.dimensions();
@@ -640,11 +673,15 @@ ffi::Error DenseGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
   const int64_t n = wd[0], k = wd[1];
   if (xd[1] != (transpose ? n : k) || yd[1] != (transpose ? k : n) || k % 32 != 0 || (transpose && n % 2 != 0))
     return ffi::Error::InvalidArgument("dense_gemm: shapes do not match, or K is not a multiple of 32 (N odd backward)");
-  if (!amx_granted()) return ffi::Error::Internal("dense_gemm: AMX is not available");
   const DenseRows src{qlora_cpu::bf16_words(weight), n, k};
   auto rows = [&](const auto& run) { run(src); };
-  amx_gemm(pool, n, k, rows, transpose, qlora_cpu::bf16_words(x), xd[0],
-           qlora_cpu::bf16_words(*y));
+#ifdef QLORA_GEMM_AMX
+  if (amx_granted()) {
+    amx_gemm(pool, n, k, rows, transpose, qlora_cpu::bf16_words(x), xd[0], qlora_cpu::bf16_words(*y));
+    return ffi::Error::Success();
+  }
+#endif
+  dot_gemm(pool, n, k, rows, transpose, qlora_cpu::bf16_words(x), xd[0], qlora_cpu::bf16_words(*y));
   return ffi::Error::Success();
 }
 }  // namespace

@@ -50,10 +50,19 @@ def _dot_t(x, w):
     return y.astype(x.dtype)
 
 
-#: Rows of x up to which a dense bf16 product runs on the native AMX kernel on CPU (decode: the LM
-#: head). XLA:CPU's dot with one row of x reads a [32000, 2048] bf16 weight at 2 GB/s (62 ms), the
-#: kernel at 25 GB/s (5.2 ms); from two rows on both run near 21-28 GB/s (Xeon, 2 cores).
-DENSE_KERNEL_ROWS = 4
+#: Rows of x up to which a dense bf16 product runs on the native kernel on CPU (decode: the LM
+#: head), by the kernel's instructions. XLA:CPU's dot with one row of x reads a [32000, 2048] bf16
+#: weight at 2 GB/s (62 ms on the Xeon, 84 on Zen 5); the AMX kernel at 25 GB/s (5.2 ms), and from
+#: two rows both run near 21-28 GB/s (Xeon, 2 cores). With AVX-512 BF16 (Zen 5) the kernel reads
+#: it at 8 GB/s (15.6 ms, its panels packed for one row), XLA's dot of two or more rows at 14 GB/s.
+DENSE_KERNEL_ROWS = {"amx_bf16": 4, "avx512_bf16": 1}
+
+
+def dense_kernel_rows() -> int:
+    """``DENSE_KERNEL_ROWS`` for this CPU's GEMM kernel (0: none)."""
+    from ..kernels import cpu_nf4
+
+    return DENSE_KERNEL_ROWS.get(cpu_nf4.gemm_isa(), 0)
 
 
 def _dense_kernel_takes(x, w) -> bool:
@@ -61,7 +70,7 @@ def _dense_kernel_takes(x, w) -> bool:
 
     rows = math.prod(x.shape[:-1])
     # only arrays: a wrapper that intercepts jax.lax.dot_general (Qwix's quantized weights) keeps its dot
-    return (isinstance(x, jax.Array) and isinstance(w, jax.Array) and rows <= DENSE_KERNEL_ROWS
+    return (isinstance(x, jax.Array) and isinstance(w, jax.Array) and rows <= dense_kernel_rows()
             and x.dtype == w.dtype and jax.default_backend() == "cpu"
             and jax.sharding.get_abstract_mesh().empty
             and cpu_nf4.dense_gemm_supported(*w.shape, x.dtype, transpose=False))
