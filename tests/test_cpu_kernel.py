@@ -327,7 +327,7 @@ def test_eager_quantize_on_cpu_runs_the_host_kernel(monkeypatch):
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("n,k,m", [(70, 96, 100), (300, 64, 32), (1030, 512, 45), (4130, 64, 40), (1030, 512, 1),
-                                   (70, 96, 3)])
+                                   (70, 96, 3), (1030, 64, 4), (34, 32, 2)])
 def test_dense_gemm_matches_its_twin(n, k, m, transpose):
     # the LM head's products (AMX, or AVX-512 BF16 dot products): N past the 32-column panels (70,
     # 300, 1030), M with and without a partial 32-row block (12-row tiles without AMX) and decode's
@@ -346,9 +346,9 @@ def test_dense_gemm_matches_its_twin(n, k, m, transpose):
 
 
 def test_a_dense_product_of_few_rows_runs_on_the_kernel_with_autodiffs_gradient():
-    # decode's LM head: up to dense_kernel_rows() rows of bf16 x (4 on AMX, 1 with AVX-512 BF16)
-    # against a dense bf16 weight take the kernel (XLA's one-row dot is slow on CPU), not more rows,
-    # not backend="xla"; gradients are the XLA product's
+    # decode's LM head: up to dense_kernel_rows() rows of bf16 x (4, on AMX or AVX-512 BF16) against
+    # a dense bf16 weight take the kernel (XLA's one-row dot is slow on CPU), not more rows, not
+    # backend="xla"; gradients are the XLA product's
     from qlora_jax.ops import _qmatmul
 
     w = (0.1 * jax.random.normal(jax.random.key(2), (1030, 512))).astype(jnp.bfloat16)
@@ -357,7 +357,7 @@ def test_a_dense_product_of_few_rows_runs_on_the_kernel_with_autodiffs_gradient(
         x = jax.random.normal(jax.random.key(1), shape).astype(jnp.bfloat16)
         hlo = jax.jit(lambda a, b: qmatmul(a, b, backend=backend)).lower(x, w).as_text()
         rows = shape[0] * shape[1]
-        expect = native and rows <= {"amx_bf16": 4, "avx512_bf16": 1}.get(cpu_nf4.gemm_isa(), 0)
+        expect = native and rows <= {"amx_bf16": 4, "avx512_bf16": 4}.get(cpu_nf4.gemm_isa(), 0)
         assert (cpu_nf4.DENSE_GEMM_TARGET in hlo) == expect, (shape, backend)
         ours = qmatmul(x, w, backend=backend)
         assert ours.shape == (*shape[:-1], 1030) and ours.dtype == jnp.bfloat16

@@ -52,10 +52,10 @@ def _dot_t(x, w):
 
 #: Rows of x up to which a dense bf16 product runs on the native kernel on CPU (decode: the LM
 #: head), by the kernel's instructions. XLA:CPU's dot with one row of x reads a [32000, 2048] bf16
-#: weight at 2 GB/s (62 ms on the Xeon, 84 on Zen 5); the AMX kernel at 25 GB/s (5.2 ms), and from
-#: two rows both run near 21-28 GB/s (Xeon, 2 cores). With AVX-512 BF16 (Zen 5) the kernel reads
-#: it at 8 GB/s (15.6 ms, its panels packed for one row), XLA's dot of two or more rows at 14 GB/s.
-DENSE_KERNEL_ROWS = {"amx_bf16": 4, "avx512_bf16": 1}
+#: weight at 2 GB/s (62 ms on the Xeon, 86 on Zen 4); the AMX kernel at 25 GB/s (5.2 ms), and from
+#: two rows both run near 21-28 GB/s (Xeon, 2 cores). With AVX-512 BF16 (Zen 4) the kernel's
+#: few-rows path reads it at 22-25 GB/s for 1-4 rows (5.3-6.1 ms), XLA's dot of 2-4 rows at 12-15.
+DENSE_KERNEL_ROWS = {"amx_bf16": 4, "avx512_bf16": 4}
 
 
 def dense_kernel_rows() -> int:
