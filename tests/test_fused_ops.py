@@ -55,6 +55,53 @@ def test_linear_cross_entropy_matches_autodiff(dtype, tol, hidden):
     assert _rel(dh, rh) < tol and _rel(dw, rw) < tol
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n", [1000, 77])
+def test_linear_cross_entropy_with_grad_scale_is_the_same_op_in_chunks(dtype, n, monkeypatch):
+    """With ``grad_scale`` (the cotangent the sum will get) dh is made in the forward, in chunks of
+    rows (here 256 a chunk, the last one padded): the same loss and gradients as without it for that
+    cotangent (up to the order of fp32 sums); for another cotangent the gradients scale; W's gradient is recomputed chunk by chunk."""
+    from qlora_jax.ops import _head
+
+    monkeypatch.setattr(_head, "_CHUNK_BYTES", 256 * 300 * jnp.dtype(dtype).itemsize)  # 256-row chunks
+    k = jax.random.split(jax.random.key(4), 3)
+    h = jax.random.normal(k[0], (n, 64)).astype(dtype)
+    w = (jax.random.normal(k[1], (300, 64)) * 0.2).astype(dtype)
+    labels = jax.random.randint(k[2], (n,), 0, 300)
+    valid = jnp.arange(n) % 7 != 3
+    scale = 1.0 / 911
+
+    def grads(ct, **kw):
+        loss, vjp = jax.vjp(lambda a, b: linear_cross_entropy_sum(a, b, labels, valid, **kw), h, w)
+        return (loss, *vjp(jnp.float32(ct)))
+
+    ref = grads(scale)
+    got = grads(scale, grad_scale=scale)
+    np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-6)
+    # dh: the same arithmetic, in the order XLA's dot sums a chunk's rows (a last bit may differ)
+    assert got[1].dtype == h.dtype and _rel(got[1], ref[1]) < (1e-6 if dtype == "float32" else 1e-2)
+    assert got[2].dtype == w.dtype and _rel(got[2], ref[2]) < (1e-5 if dtype == "float32" else 1e-2)
+    other = grads(3 * scale, grad_scale=scale)
+    assert _rel(other[1], 3 * np.asarray(ref[1], np.float32)) < (1e-6 if dtype == "float32" else 1e-2)
+    assert _rel(other[2], 3 * np.asarray(ref[2], np.float32)) < (1e-5 if dtype == "float32" else 1e-2)
+
+
+def test_the_chunked_head_keeps_no_full_logits():
+    """The compiled value-and-gradient holds one chunk's logits, not [tokens, vocab]: 2048 x 8192
+    bf16 logits are 32 MiB; with grad_scale the step's temporaries stay below that."""
+    n, v, e = 2048, 8192, 64
+    h = jnp.zeros((n, e), jnp.bfloat16)
+    w = jnp.zeros((v, e), jnp.bfloat16)
+    labels, valid = jnp.zeros(n, jnp.int32), jnp.ones(n, bool)
+
+    def temp(**kw):
+        f = jax.jit(jax.grad(lambda a: linear_cross_entropy_sum(a, w, labels, valid, **kw)))
+        return f.lower(h).compile().memory_analysis().temp_size_in_bytes
+
+    logits = n * v * 2
+    assert temp() >= logits > temp(grad_scale=1.0) and temp(grad_scale=1.0) < logits * 3 // 4
+
+
 def test_linear_cross_entropy_rejects_a_misfit_head():
     with pytest.raises(ValueError, match=r"head weight shape \(10, 7\)"):
         linear_cross_entropy_sum(jnp.zeros((3, 8)), jnp.zeros((10, 7)), jnp.zeros(3, jnp.int32), jnp.ones(3, bool))

@@ -169,11 +169,12 @@ class CausalLM(nnx.Module):
             return qmatmul(x, self.embed_tokens[...].astype(self.dtype)), cache
         return self.lm_head(x), cache
 
-    def loss_sum(self, input_ids_BxS, attention_mask, labels_BxS, ignore_index: int = -100):
+    def loss_sum(self, input_ids_BxS, attention_mask, labels_BxS, ignore_index: int = -100, *, grad_scale=None):
         """(sum of token losses, number of loss tokens), transformers' causal-LM loss: token t's
         logits predict label t+1; labels equal to ``ignore_index`` count for nothing. A dense head
         (the LM head or tied embeddings, not wrapped by an adapter) runs as one op with the loss
-        (``ops.linear_cross_entropy_sum``); any other head through its logits."""
+        (``ops.linear_cross_entropy_sum``, given ``grad_scale``: the cotangent the sum will get);
+        any other head through its logits."""
         from ..ops import linear_cross_entropy_sum
         from ..sharding import gather_weight
 
@@ -193,4 +194,4 @@ class CausalLM(nnx.Module):
             logz = jax.nn.logsumexp(logits, axis=-1)
             picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
             return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid)
-        return linear_cross_entropy_sum(h, w, labels, valid), jnp.sum(valid)
+        return linear_cross_entropy_sum(h, w, labels, valid, grad_scale=grad_scale), jnp.sum(valid)

@@ -63,20 +63,34 @@ def _fwd(h, w, labels, valid):
     return jnp.sum(jnp.where(valid, lse - picked, 0.0)), (h, w, logits, lse, labels, valid)
 
 
-def _bwd(res, ct):
+def _logits_grad(logits, lse, labels, scale, dtype):
+    """The logits' gradient, softmax minus one-hot times ``scale`` per row, in ``dtype`` (the native
+    kernel writes it over the logits)."""
     from ..kernels import cpu_nf4
 
-    h, w, logits, lse, labels, valid = res
-    scale = jnp.where(valid, ct, 0.0).astype(jnp.float32)
     grad = cpu_nf4.cpu_xent_grad if _xent_native(logits) else cpu_nf4.reference_xent_grad
-    g = grad(logits, lse, labels, scale).astype(h.dtype)
-    f32 = jnp.float32
+    return grad(logits, lse, labels, scale).astype(dtype)
+
+
+def _dh(g, w, h):
+    """dh = g @ W in h's dtype (fp32 accumulation)."""
+    from ..kernels import cpu_nf4
+
     if _native(h, w, transpose=True):
-        dh = cpu_nf4.cpu_dense_gemm(g, w, transpose=True)
-    else:
-        dh = jax.lax.dot_general(g, w.astype(h.dtype), (((1,), (0,)), ((), ())), preferred_element_type=f32)
-    dw = jax.lax.dot_general(g, h, (((0,), (0,)), ((), ())), preferred_element_type=f32)  # unused if frozen
-    return dh.astype(h.dtype), dw.astype(w.dtype), None, None
+        return cpu_nf4.cpu_dense_gemm(g, w, transpose=True)
+    dh = jax.lax.dot_general(g, w.astype(h.dtype), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype)
+
+
+def _dw(g, h, w):
+    """dW = g^T h in W's dtype (unused, and left out by XLA, when the head is frozen)."""
+    return jax.lax.dot_general(g, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32).astype(w.dtype)
+
+
+def _bwd(res, ct):
+    h, w, logits, lse, labels, valid = res
+    g = _logits_grad(logits, lse, labels, jnp.where(valid, ct, 0.0).astype(jnp.float32), h.dtype)
+    return _dh(g, w, h), _dw(g, h, w), None, None
 
 
 @jax.custom_vjp
@@ -86,8 +100,82 @@ def _loss_sum(h, w, labels, valid):
 
 _loss_sum.defvjp(_fwd, _bwd)
 
+#: With ``grad_scale``, the logits of one chunk of rows stay under this many bytes, in at most
+#: _MAX_CHUNKS chunks of a multiple of 32 rows.
+_CHUNK_BYTES = 16 * 2 ** 20
+_MAX_CHUNKS = 16
 
-def linear_cross_entropy_sum(h: jax.Array, w: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+
+def _chunk_rows(n: int, v: int, itemsize: int) -> int:
+    rows = max(_CHUNK_BYTES // max(1, v * itemsize), -(-n // _MAX_CHUNKS))
+    return min(max(32, rows // 32 * 32), n)
+
+
+def _chunk_loss_grad(h, w, labels, valid, scale):
+    """One chunk of rows: (the sum of its token losses, the logits' gradient times ``scale``)."""
+    from ..kernels import cpu_nf4
+
+    logits = _logits(h, w)
+    fwd = cpu_nf4.cpu_xent_fwd if _xent_native(logits) else cpu_nf4.reference_xent_fwd
+    lse, picked = fwd(logits, labels)
+    return jnp.sum(jnp.where(valid, lse - picked, 0.0)), _logits_grad(logits, lse, labels, scale, h.dtype)
+
+
+def _over_chunks(fn, h, w, labels, valid, scale, init):
+    """``fn(carry, loss, g, h_chunk) -> (carry, out)`` over chunks of rows, in a loop (lax.scan), so
+    that one chunk's [rows, V] logits are live at a time (XLA:CPU drops optimization barriers, and
+    chunks with no dependency between them were all kept live at once); rows padded past N as
+    invalid. Returns (carry, outputs stacked [chunks * rows, ...])."""
+    n = h.shape[0]
+    rows = _chunk_rows(n, w.shape[0], h.dtype.itemsize)
+    chunks = -(-n // rows)
+    pad = chunks * rows - n
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        labels, valid, scale = jnp.pad(labels, (0, pad)), jnp.pad(valid, (0, pad)), jnp.pad(scale, (0, pad))
+    xs = tuple(a.reshape(chunks, rows, *a.shape[1:]) for a in (h, labels, valid, scale))
+
+    def body(carry, x):
+        hc, lc, vc, sc = x
+        loss, g = _chunk_loss_grad(hc, w, lc, vc, sc)
+        return fn(carry, loss, g, hc)
+
+    carry, out = jax.lax.scan(body, init, xs)
+    return carry, None if out is None else out.reshape(chunks * rows, *out.shape[2:])[:n]
+
+
+def _scaled_fwd(h, w, labels, valid, grad_scale):
+    """The loss and, chunk by chunk, dh for the cotangent ``grad_scale``: each chunk's logits are
+    made, read and overwritten by their gradient, then consumed by dh = g @ W."""
+    scale = jnp.where(valid, grad_scale, 0.0).astype(jnp.float32)
+    total, dh = _over_chunks(lambda c, loss, g, hc: (c + loss, _dh(g, w, hc)), h, w, labels, valid, scale,
+                             jnp.float32(0.0))
+    return total, (h, w, labels, valid, grad_scale, dh)
+
+
+def _scaled_bwd(res, ct):
+    h, w, labels, valid, grad_scale, dh = res
+    # linear in the cotangent: the saved dh is exact for ct == grad_scale, scaled otherwise
+    ratio = jnp.where(ct == grad_scale, 1.0, ct / grad_scale).astype(jnp.float32)
+    dh = jnp.where(ratio == 1.0, dh, (dh.astype(jnp.float32) * ratio).astype(dh.dtype))
+    scale = jnp.where(valid, ct, 0.0).astype(jnp.float32)
+    # dW recomputed chunk by chunk (left out by XLA when the head is frozen, as in LoRA)
+    dw, _ = _over_chunks(lambda c, loss, g, hc: (c + jax.lax.dot_general(
+        g, hc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32), None), h, w, labels, valid, scale,
+        jnp.zeros(w.shape, jnp.float32))
+    return dh, dw.astype(w.dtype), None, None, jnp.zeros_like(grad_scale)
+
+
+@jax.custom_vjp
+def _loss_sum_scaled(h, w, labels, valid, grad_scale):
+    return _scaled_fwd(h, w, labels, valid, grad_scale)[0]
+
+
+_loss_sum_scaled.defvjp(_scaled_fwd, _scaled_bwd)
+
+
+def linear_cross_entropy_sum(h: jax.Array, w: jax.Array, labels: jax.Array, valid: jax.Array, *,
+                             grad_scale: jax.Array | float | None = None) -> jax.Array:
     """Sum over tokens of ``-log softmax(h @ w^T)[label]`` where ``valid``.
 
     Args:
@@ -95,6 +183,12 @@ def linear_cross_entropy_sum(h: jax.Array, w: jax.Array, labels: jax.Array, vali
       w: the head [V, E] (dense; cast to h's dtype).
       labels: int [...], any value where not ``valid``.
       valid: bool [...].
+      grad_scale: the cotangent the sum will get, when known (the train step's loss scale over its
+        token count): the gradient with respect to h is then made in the forward, in chunks of rows
+        whose logits are overwritten by their gradient and consumed at once, so that no [tokens,
+        vocab] logits are kept for the backward (the same arithmetic; the gradient is exact for
+        that cotangent and scaled for another). On one device; over several, and with None, the
+        logits are kept and the backward makes the gradient.
     Returns:
       fp32 scalar; differentiable with respect to h and w.
     """
@@ -103,4 +197,8 @@ def linear_cross_entropy_sum(h: jax.Array, w: jax.Array, labels: jax.Array, vali
                          "expected [vocab, hidden]")
     e = h.shape[-1]
     labels = jnp.where(valid, labels, 0).reshape(-1).astype(jnp.int32)
+    # on one device: over a mesh the chunks' reshape of the sharded rows would move them
+    if grad_scale is not None and jax.device_count() == 1 and jax.sharding.get_abstract_mesh().empty:
+        return _loss_sum_scaled(h.reshape(-1, e), w.astype(h.dtype), labels, valid.reshape(-1),
+                                jnp.asarray(grad_scale, jnp.float32))
     return _loss_sum(h.reshape(-1, e), w.astype(h.dtype), labels, valid.reshape(-1))

@@ -93,7 +93,10 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, trainable, rng
     total = jnp.maximum(jnp.sum(batch["labels"][:, :, 1:] != IGNORE_INDEX), 1).astype(jnp.float32)
 
     def micro_loss(model, micro):
-        loss_sum, _ = model.loss_sum(micro["input_ids"], micro["attention_mask"], micro["labels"], IGNORE_INDEX)
+        # the sum's cotangent is scale / total (the transpose of the line below): the head makes
+        # its gradient in the forward and keeps no [tokens, vocab] logits
+        loss_sum, _ = model.loss_sum(micro["input_ids"], micro["attention_mask"], micro["labels"], IGNORE_INDEX,
+                                     grad_scale=scale / total)
         return loss_sum / total * scale
 
     grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, LoraParam))
