@@ -99,9 +99,9 @@ inline void decode32(const Weight& w, int64_t row, int64_t c0, const Table& tabl
 }
 
 // Where a panel's weights come from: the packed 4-bit weight (decoded as dequantize(w, bf16)
-// rounds it) or a dense bf16 one (the LM head); rows() x width() elements. words(): the 16 bf16 pairs of elements c0 .. c0+31
-// of a row, pair i = elements (2i, 2i+1), the first in the low half; split(): even and odd elements
-// in the low halves of two vectors.
+// rounds it) or a dense bf16 one (the LM head); rows() x width() elements. words(): the 16 bf16
+// pairs of elements c0 .. c0+31 of a row, pair i = elements (2i, 2i+1), the first in the low half;
+// split(): even and odd elements in the low halves of two vectors.
 struct QuantizedRows {
   const Weight& w;
   const Table& table;
@@ -706,9 +706,9 @@ void few_rows_gemm(ffi::ThreadPool& pool, const uint16_t* x, int64_t m, const ui
 }
 
 // Dense bf16 products (the LM head and its input gradient), the same blocks as the 4-bit weight's
-// (AMX where granted, else AVX-512 BF16 dot products; decode's few rows without panels) with the panel read from a bf16 weight
-// [N, K]: forward y [M, N] = x [M, K] @ W^T, backward dx [M, K] = dy [M, N] @ W. Needs K a
-// multiple of 32 and, backward, N even.
+// (AMX where granted, else AVX-512 BF16 dot products; decode's few rows without panels) with the
+// panel read from a bf16 weight [N, K]: forward y [M, N] = x [M, K] @ W^T, backward
+// dx [M, K] = dy [M, N] @ W. Needs K a multiple of 32 and, backward, N even.
 ffi::Error DenseGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> weight,
                          ffi::Result<ffi::Buffer<ffi::BF16>> y, bool transpose) {
   auto xd = x.dimensions();
