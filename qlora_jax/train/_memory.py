@@ -22,7 +22,7 @@ Activations are counted buffer by buffer from the program's structure (nothing i
   projection's input, of gate and up and the adapters' copies of them, and the layer's
   dequantized weights) or at its attention (the recomputed fp32 softmax, the gradient of the
   probabilities, the scores' gradient and the probabilities); or the loss (the logits in the
-  activation dtype and their fp32 gradient).
+  activation dtype and their fp32 gradient; on one device one chunk of rows of them).
 
 The counts follow the program's buffers as XLA keeps them after fusion (elementwise residuals of a
 recomputed layer are fused into their consumers, the random bits of recomputed dropout masks stay,
@@ -380,8 +380,13 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
             if value > working:
                 working, phase = value, name
     # The loss: the logits in the activation dtype and their fp32 gradient (softmax minus one-hot;
-    # the fp32 copy, log-sum-exp and softmax are fused into these two), and the final hidden state.
-    loss = n * cfg.vocab_size * (act + _F32) + 2 * n * cfg.hidden_size * act
+    # the fp32 copy, log-sum-exp and softmax are fused into these two), and the final hidden state;
+    # on one device the train step's head runs in chunks of rows (ops.linear_cross_entropy_sum
+    # with grad_scale), one chunk's logits at a time.
+    from ..ops._head import _chunk_rows
+
+    rows = _chunk_rows(n, cfg.vocab_size, act) if jax.device_count() == 1 else n
+    loss = rows * cfg.vocab_size * (act + _F32) + 2 * n * cfg.hidden_size * act
     if loss > working:
         working, phase = loss, "loss"
     return MemoryEstimate(base_weights=base, adapters=adapter_bytes, gradients=gradients, optimizer_state=opt,
