@@ -86,6 +86,16 @@ def test_linear_cross_entropy_with_grad_scale_is_the_same_op_in_chunks(dtype, n,
     assert _rel(other[2], 3 * np.asarray(ref[2], np.float32)) < (1e-5 if dtype == "float32" else 1e-2)
 
 
+def test_linear_cross_entropy_grad_scale_edges():
+    """An empty batch takes the unchunked op; a zero grad_scale (no cotangent to scale from) is refused."""
+    h, w = jnp.zeros((0, 64), jnp.float32), jnp.ones((300, 64), jnp.float32)
+    loss, dh = jax.value_and_grad(lambda a: linear_cross_entropy_sum(a, w, jnp.zeros(0, jnp.int32), jnp.zeros(0, bool),
+                                                                     grad_scale=0.5))(h)
+    assert float(loss) == 0.0 and dh.shape == (0, 64)
+    with pytest.raises(ValueError, match="grad_scale=0"):
+        linear_cross_entropy_sum(jnp.ones((4, 64)), w, jnp.zeros(4, jnp.int32), jnp.ones(4, bool), grad_scale=0.0)
+
+
 def test_the_chunked_head_keeps_no_full_logits():
     """The compiled value-and-gradient holds one chunk's logits, not [tokens, vocab]: 2048 x 8192
     bf16 logits are 32 MiB; with grad_scale the step's temporaries stay below that."""

@@ -140,6 +140,9 @@ def test_step_gives_the_compilers_heap_back_after_compiling(base, monkeypatch):
     tx = make_optimizer(1e-3, num_training_steps=2)
     step = make_train_step(parts.graphdef, tx)
     assert hasattr(step, "lower")  # still the jitted function for AOT use
+    import copy
+
+    assert copy.copy(step).lower is not None  # a copy is built without __init__: no recursion
     batch = _stack(_batches(1))  # one micro-batch
     state = (parts.trainable, parts.rngs, qlora_jax.train.init_opt_state(tx, parts.trainable))
     trims.clear()

@@ -100,15 +100,15 @@ def _loss_sum(h, w, labels, valid):
 
 _loss_sum.defvjp(_fwd, _bwd)
 
-#: With ``grad_scale``, the logits of one chunk of rows stay under this many bytes, in at most
-#: _MAX_CHUNKS chunks of a multiple of 32 rows.
+#: With ``grad_scale``, the logits of one chunk of rows stay under this many bytes (or the rows are
+#: split in _MAX_CHUNKS chunks, if that takes more rows), chunks of a multiple of 32 rows.
 _CHUNK_BYTES = 16 * 2 ** 20
 _MAX_CHUNKS = 16
 
 
 def _chunk_rows(n: int, v: int, itemsize: int) -> int:
     rows = max(_CHUNK_BYTES // max(1, v * itemsize), -(-n // _MAX_CHUNKS))
-    return min(max(32, rows // 32 * 32), n)
+    return max(1, min(max(32, -(-rows // 32) * 32), n))
 
 
 def _chunk_loss_grad(h, w, labels, valid, scale):
@@ -187,8 +187,8 @@ def linear_cross_entropy_sum(h: jax.Array, w: jax.Array, labels: jax.Array, vali
         token count): the gradient with respect to h is then made in the forward, in chunks of rows
         whose logits are overwritten by their gradient and consumed at once, so that no [tokens,
         vocab] logits are kept for the backward (the same arithmetic; the gradient is exact for
-        that cotangent and scaled for another). On one device; over several, and with None, the
-        logits are kept and the backward makes the gradient.
+        that cotangent and scaled for another); nonzero. On one device; over several, and with
+        None, the logits are kept and the backward makes the gradient.
     Returns:
       fp32 scalar; differentiable with respect to h and w.
     """
@@ -197,8 +197,12 @@ def linear_cross_entropy_sum(h: jax.Array, w: jax.Array, labels: jax.Array, vali
                          "expected [vocab, hidden]")
     e = h.shape[-1]
     labels = jnp.where(valid, labels, 0).reshape(-1).astype(jnp.int32)
-    # on one device: over a mesh the chunks' reshape of the sharded rows would move them
-    if grad_scale is not None and jax.device_count() == 1 and jax.sharding.get_abstract_mesh().empty:
+    if grad_scale is not None and not isinstance(grad_scale, jax.core.Tracer) and float(grad_scale) == 0.0:
+        raise ValueError("grad_scale=0 is not a cotangent the gradient can be scaled from; pass the "
+                         "nonzero cotangent the sum will get, or None")
+    # on one device (over a mesh the chunks' reshape of the sharded rows would move them), with rows
+    if grad_scale is not None and jax.device_count() == 1 and jax.sharding.get_abstract_mesh().empty \
+            and h.size > 0:
         return _loss_sum_scaled(h.reshape(-1, e), w.astype(h.dtype), labels, valid.reshape(-1),
                                 jnp.asarray(grad_scale, jnp.float32))
     return _loss_sum(h.reshape(-1, e), w.astype(h.dtype), labels, valid.reshape(-1))

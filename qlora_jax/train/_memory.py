@@ -383,9 +383,15 @@ def estimate_memory(model, *, batch_size: int, seq_length: int, micro_batches: i
     # the fp32 copy, log-sum-exp and softmax are fused into these two), and the final hidden state;
     # on one device the train step's head runs in chunks of rows (ops.linear_cross_entropy_sum
     # with grad_scale), one chunk's logits at a time.
+    # (a dense head only: an adapted or quantized one makes its whole logits)
+    from ..models._layers import Linear
     from ..ops._head import _chunk_rows
 
-    rows = _chunk_rows(n, cfg.vocab_size, act) if jax.device_count() == 1 else n
+    head = getattr(model, "lm_head", None)
+    dense_head = head is None or (type(head) is Linear and head.bias is None
+                                  and not is_quantized(head.weight.get_value()))
+    chunked = dense_head and jax.device_count() == 1 and jax.sharding.get_abstract_mesh().empty
+    rows = _chunk_rows(n, cfg.vocab_size, act) if chunked else n
     loss = rows * cfg.vocab_size * (act + _F32) + 2 * n * cfg.hidden_size * act
     if loss > working:
         working, phase = loss, "loss"

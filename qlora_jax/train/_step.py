@@ -180,4 +180,7 @@ class _TrimmingStep:
         return out
 
     def __getattr__(self, name):
-        return getattr(self._jitted, name)
+        jitted = self.__dict__.get("_jitted")  # absent on a blank copy (copy, pickle): no recursion
+        if jitted is None:
+            raise AttributeError(name)
+        return getattr(jitted, name)
