@@ -60,7 +60,8 @@ def test_linear_cross_entropy_matches_autodiff(dtype, tol, hidden):
 def test_linear_cross_entropy_with_grad_scale_is_the_same_op_in_chunks(dtype, n, monkeypatch):
     """With ``grad_scale`` (the cotangent the sum will get) dh is made in the forward, in chunks of
     rows (here 256 a chunk, the last one padded): the same loss and gradients as without it for that
-    cotangent (up to the order of fp32 sums); for another cotangent the gradients scale; W's gradient is recomputed chunk by chunk."""
+    cotangent (up to the order of fp32 sums); for another cotangent the gradients scale; W's
+    gradient is recomputed chunk by chunk."""
     from qlora_jax.ops import _head
 
     monkeypatch.setattr(_head, "_CHUNK_BYTES", 256 * 300 * jnp.dtype(dtype).itemsize)  # 256-row chunks
