@@ -235,27 +235,6 @@ void panel_product(const Rows& src, int64_t c0, int64_t cols, bool transpose, co
                    std::min<int64_t>(MR, m - i * MR));
 }
 
-// y [M, C] for x [M, R] with AVX-512 BF16 dot products: the input packed by tiles of MR rows (in
-// the calling thread's buffer: kernels running side by side on other threads have their own), then
-// one panel of columns a task. make_rows(): as amx_gemm's.
-template <typename MakeRows>
-void dot_gemm(ffi::ThreadPool& pool, int64_t n, int64_t k, const MakeRows& make_rows, bool transpose,
-              const uint16_t* x, int64_t m, uint16_t* y) {
-  const int64_t cols_total = transpose ? k : n, red = transpose ? n : k, steps = red / STEP;
-  const int64_t panels = (cols_total + NR - 1) / NR, tiles = (m + MR - 1) / MR;
-  thread_local qlora_cpu::Scratch input_buffer;
-  uint32_t* xp = input_buffer.get<uint32_t>(tiles * steps * MR);
-  auto pack = [&](int64_t t) { pack_input(x, m, steps, t, xp); };
-  qlora_cpu::parallel_parts(pool, tiles, pack);
-  auto work = [&](int64_t p) {  // one panel of columns
-    const int64_t c0 = p * NR;
-    make_rows([&](const auto& src) {
-      panel_product(src, c0, std::min<int64_t>(NR, cols_total - c0), transpose, xp, m, steps, y, cols_total);
-    });
-  };
-  qlora_cpu::parallel_parts(pool, panels, work);
-}
-
 #ifdef QLORA_GEMM_AMX
 // AMX: the 32 x 32 output block of 32 input rows and 32 panel columns in four tiles of 16 x 16
 // fp32 sums (tmm0-3), each step of 32 reduction elements loading two tiles of input (tmm4-5: 16 rows
@@ -590,6 +569,25 @@ void panel_product(const Weight& w, const Table& table, int64_t c0, int64_t cols
 }
 #endif
 
+// y [M, C] for x [M, R] on the dot-product paths (AVX-512 BF16 or AVX2): the input packed by
+// tiles of MR rows (in the calling thread's buffer: kernels running side by side on other threads
+// have their own), then one panel of columns a task: product(c0, cols, xp, steps) writes the
+// columns c0 .. c0+cols-1 of every row from the packed input (steps words a row).
+template <typename Product>
+void panel_gemm(ffi::ThreadPool& pool, int64_t cols_total, int64_t red, const uint16_t* x, int64_t m,
+                const Product& product) {
+  const int64_t steps = red / STEP, panels = (cols_total + NR - 1) / NR, tiles = (m + MR - 1) / MR;
+  thread_local qlora_cpu::Scratch input_buffer;
+  uint32_t* xp = input_buffer.get<uint32_t>(tiles * steps * MR);
+  auto pack = [&](int64_t t) { pack_input(x, m, steps, t, xp); };
+  qlora_cpu::parallel_parts(pool, tiles, pack);
+  auto work = [&](int64_t p) {  // one panel of columns
+    const int64_t c0 = p * NR;
+    product(c0, std::min<int64_t>(NR, cols_total - c0), xp, steps);
+  };
+  qlora_cpu::parallel_parts(pool, panels, work);
+}
+
 ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> codes,
                        ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table, ffi::Result<ffi::Buffer<ffi::BF16>> y,
                        int64_t blocksize, bool transpose) {
@@ -620,27 +618,16 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     return ffi::Error::Success();
   }
 #endif
+  const int64_t cols_total = transpose ? k : n;
+  panel_gemm(pool, cols_total, transpose ? n : k, xb, m, [&](int64_t c0, int64_t cols, const uint32_t* xp,
+                                                               int64_t steps) {
 #if QLORA_GEMM_ISA == 2
-  auto rows = [&](const auto& run) {
     const Table table(t);
-    run(QuantizedRows{w, table});
-  };
-  dot_gemm(pool, n, k, rows, transpose, xb, m, yb);
+    panel_product(QuantizedRows{w, table}, c0, cols, transpose, xp, m, steps, yb, cols_total);
 #else
-  const int64_t cols_total = transpose ? k : n, red = transpose ? n : k, steps = red / STEP;
-  const int64_t panels = (cols_total + NR - 1) / NR, tiles = (m + MR - 1) / MR;
-  // the packed input, in this (calling) thread's buffer: kernels running side by side on other
-  // threads have their own
-  thread_local qlora_cpu::Scratch input_buffer;
-  uint32_t* xp = input_buffer.get<uint32_t>(tiles * steps * MR);
-  auto pack = [&](int64_t t) { pack_input(xb, m, steps, t, xp); };
-  qlora_cpu::parallel_parts(pool, tiles, pack);
-  auto work = [&](int64_t p) {  // one panel of columns
-    const int64_t c0 = p * NR;
-    panel_product(w, Table(t), c0, std::min<int64_t>(NR, cols_total - c0), transpose, xp, m, steps, yb, cols_total);
-  };
-  qlora_cpu::parallel_parts(pool, panels, work);
+    panel_product(w, Table(t), c0, cols, transpose, xp, m, steps, yb, cols_total);
 #endif
+  });
   return ffi::Error::Success();
 }
 
@@ -720,9 +707,9 @@ ffi::Error DenseGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
   if (xd[1] != (transpose ? n : k) || yd[1] != (transpose ? k : n) || k % 32 != 0 || (transpose && n % 2 != 0))
     return ffi::Error::InvalidArgument("dense_gemm: shapes do not match, or K is not a multiple of 32 (N odd backward)");
   const DenseRows src{qlora_cpu::bf16_words(weight), n, k};
-  auto rows = [&](const auto& run) { run(src); };
 #ifdef QLORA_GEMM_AMX
   if (amx_granted()) {
+    auto rows = [&](const auto& run) { run(src); };
     amx_gemm(pool, n, k, rows, transpose, qlora_cpu::bf16_words(x), xd[0], qlora_cpu::bf16_words(*y));
     return ffi::Error::Success();
   }
@@ -731,7 +718,12 @@ ffi::Error DenseGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Bu
     if (xd[0] > 0) few_rows_gemm(pool, qlora_cpu::bf16_words(x), xd[0], src.w, n, k, qlora_cpu::bf16_words(*y));
     return ffi::Error::Success();
   }
-  dot_gemm(pool, n, k, rows, transpose, qlora_cpu::bf16_words(x), xd[0], qlora_cpu::bf16_words(*y));
+  const int64_t cols_total = transpose ? k : n;
+  uint16_t* yb = qlora_cpu::bf16_words(*y);
+  panel_gemm(pool, cols_total, transpose ? n : k, qlora_cpu::bf16_words(x), xd[0],
+             [&](int64_t c0, int64_t cols, const uint32_t* xp, int64_t steps) {
+               panel_product(src, c0, cols, transpose, xp, xd[0], steps, yb, cols_total);
+             });
   return ffi::Error::Success();
 }
 }  // namespace
