@@ -12,6 +12,7 @@ from flax import nnx
 import qlora_jax
 from qlora_jax.kernels import cpu_nf4
 from qlora_jax.lora._layers import _lora_sum_native
+from qlora_jax.ops._residuals import stash
 from test_cpu_kernel import _cpu_flags
 
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
@@ -108,7 +109,7 @@ def test_native_lora_sum_and_its_gradient_are_autodiffs(round_first):
     b = 0.1 * jax.random.normal(k[2], (160, 8))
     result = jax.random.normal(k[3], (2, 24, 160)).astype(jnp.bfloat16)
     g = jax.random.normal(k[4], (2, 24, 160)).astype(jnp.bfloat16)
-    y, vjp = jax.vjp(lambda r, x, a, b: _lora_sum_native(r, x, a, b, 2.0, round_first), result, x, a, b)
+    y, vjp = jax.vjp(lambda r, x, a, b: _lora_sum_native(r, x, *stash(x), a, b, 2.0, round_first), result, x, a, b)
     y_ref, vjp_ref = jax.vjp(lambda r, x, a, b: _plain_sum(r, x, a, b, 2.0, round_first), result, x, a, b)
     _bf16_close(y, y_ref, _f32(result), 0.99)
     for got, want in zip(vjp(g), vjp_ref(g), strict=True):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..ops._residuals import stash, unstash
 from ..quant import Int8Array, QuantizedArray
 from ..sharding import constrain
 
@@ -106,30 +107,32 @@ def _native_sum(result, x, a, b) -> bool:
             and cpu_nf4.lora_available())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _lora_sum_native(result, x, a, b, scaling, round_first):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _lora_sum_native(result, x, x_bits, a, b, scaling, round_first):
     """``result + (x @ A^T) @ B^T * scaling`` on the CPU kernels: the B product runs in the sum's pass
     (no fp32 [N, out] product written and read back); the gradient's products read the bf16
-    cotangent as it is (no fp32 copy of it scaled)."""
-    return _lora_sum_fwd(result, x, a, b, scaling, round_first)[0]
+    cotangent as it is (no fp32 copy of it scaled). ``x_bits`` (``ops._residuals.stash(x)``, made
+    by the caller, where the q, k and v adapters share one) is what the backward keeps of x."""
+    return _lora_sum_fwd(result, x, x_bits, a, b, scaling, round_first)[0]
 
 
-def _lora_sum_fwd(result, x, a, b, scaling, round_first):
+def _lora_sum_fwd(result, x, x_bits, a, b, scaling, round_first):
     from ..kernels import cpu_nf4
 
     hr = cpu_nf4.cpu_lora_down(x, a)  # [..., r] fp32
-    return cpu_nf4.cpu_lora_up(hr, b.T, result, scaling=scaling, round_first=round_first), (x, a, b, hr)
+    return cpu_nf4.cpu_lora_up(hr, b.T, result, scaling=scaling, round_first=round_first), (x_bits, a, b, hr)
 
 
 def _lora_sum_bwd(scaling, round_first, res, g):
     from ..kernels import cpu_nf4
 
-    x, a, b, hr = res
+    x_bits, a, b, hr = res
+    x, = unstash(x_bits)
     dhr = cpu_nf4.cpu_lora_down(g, b.T, scaling=scaling)  # (g * scaling) @ B: [..., r]
     db = cpu_nf4.cpu_lora_grad(hr, g, scaling=scaling).T  # [r, out] -> [out, r]
     da = cpu_nf4.cpu_lora_grad(dhr, x)  # [r, in]
     dx = cpu_nf4.cpu_lora_up(dhr, a)  # bf16(dhr @ A), as the fp32 product cast back
-    return g, dx, da, db
+    return g, dx, None, da, db
 
 
 _lora_sum_native.defvjp(_lora_sum_fwd, _lora_sum_bwd)
@@ -157,7 +160,7 @@ class LoraLinear(nnx.Module):
         row_parallel = getattr(self.base_layer, "row_parallel", False)
         a, b = adapter.lora_A[...], adapter.lora_B[...]
         if adapter.dropout is None and adapter.layer_mask is None and _native_sum(result, x, a, b):
-            return _lora_sum_native(result, x, a, b, adapter.scaling, round_first)
+            return _lora_sum_native(result, x, *stash(x), a, b, adapter.scaling, round_first)
         delta = adapter(x, row_parallel=row_parallel)
         if round_first:
             return result + delta.astype(result.dtype)

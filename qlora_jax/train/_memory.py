@@ -9,7 +9,7 @@ state, the token batch, and the activations. It reads only shapes and dtypes: a 
 Activations are counted buffer by buffer from the program's structure (nothing is fitted):
 
 * saved for the backward pass: without gradient checkpointing, each layer's residuals as JAX's
-  autodiff saves them into the layer scan's stacks (the fp32 RMSNorm inputs; each adapter's input
+  autodiff saves them into the layer scan's stacks (the RMSNorm inputs and their rows' 1/RMS; each adapter's input
   in the activation dtype (with dropout: its dropped copy in the adapter dtype) and its rank-r
   projection; the rotated queries and keys and the values;
   the pre-softmax scores [B, heads, S, S] in the activation dtype (the attention's written-out
@@ -31,9 +31,9 @@ were validated against ``compiled.memory_analysis()`` of the real step on XLA's 
 (``tests/test_memory_estimate.py``, fp32 models, within a few percent); other backends fuse and
 schedule somewhat differently. The saved activations are exactly what JAX's autodiff saves, in any
 dtype. For bf16 models the buffers are counted in bf16, as GPUs and TPUs keep them; XLA's CPU
-backend, which has no bf16 matmul or arithmetic, holds many of them in fp32 instead (its bf16
-figure comes close to its fp32 one), so it cannot check them. ``compiled_memory`` gives the
-compiler's own figure for a compiled step on the current backend.
+backend, which has no bf16 arithmetic, holds some of them in fp32 instead, so it cannot check
+them. ``compiled_memory`` gives the compiler's own figure for a compiled step on the current
+backend.
 """
 
 from __future__ import annotations
@@ -214,10 +214,10 @@ def _layer_buffers(cfg, b: int, s: int, act: int, adapters: list[_Adapter], quan
     wide = max([a.itemsize for a in adapters] + [act])  # the adapters' dtype (fp32 master weights)
     projs = {a.proj for a in adapters}
     scores = b * h * s * s  # [B, heads, S, S]
-    norm = n * e * _F32 + 2 * n * _F32  # RMSNorm: its input in fp32 and two [N, 1] statistics
-    qkv = n * (h + 2 * k) * d * act + (n * (h + k) * d * _F32 if cfg.qk_norm else 0)
+    norm = n * e * act + n * _F32  # RMSNorm: its input in the activation dtype and the rows' 1/RMS [N, 1]
+    qkv = n * (h + 2 * k) * d * act + (n * (h + k) * (d * act + _F32) if cfg.qk_norm else 0)
     attention = (norm + ad.get("attn_in", 0) + ad.get("attn_out", 0)
-                 + qkv)  # rotated queries and keys, values (and the q_norm / k_norm inputs in fp32)
+                 + qkv)  # rotated queries and keys, values (and the q_norm / k_norm inputs with their 1/RMS)
     # the attention's written-out backward (models._layers._attend) saves the pre-softmax scores in
     # the activation dtype and recomputes the softmax from them
     softmax = scores * act
