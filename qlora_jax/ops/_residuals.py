@@ -5,7 +5,7 @@ it into a [L, ...] buffer (a dynamic-update-slice) and the backward loop reads i
 slice). XLA:CPU computes bf16 slices in fp32 (its float normalization has no bf16 for them): each
 forward write converted the whole [L, ...] stack to fp32 and back, and before the backward loop an
 fp32 copy of every stack was made once (loop-invariant), then sliced and rounded back per layer:
-~90 ms and ~200 MiB of fp32 copies in the small preset's 0.76 s train step (Zen 4). Integer slices
+~90 ms of the small preset's 0.76 s train step and ~130 MiB of its temporaries (Zen 4). Integer slices
 run as they are; a bitcast between bf16 and uint16 costs nothing. Custom VJPs whose residuals are
 bf16/fp16 activations save them through ``stash`` and read them with ``unstash``.
 
