@@ -249,9 +249,10 @@ def test_reversible_merge_and_unmerge(base):
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
 def test_lora_product_backward_is_autodiffs(adapter_dtype):
     """The adapter's written-out backward (``_lora_product``: the weight gradients contracted over
-    tokens in the operands' own layout, the input saved in its own dtype) gives autodiff's
+    tokens in the operands' own layout, the input saved as its bits) gives autodiff's
     gradients of ``(x.astype(A.dtype) @ A^T) @ B^T * scaling``, inputs of any leading shape."""
     from qlora_jax.lora._layers import _lora_product
+    from qlora_jax.ops._residuals import stash
 
     keys = jax.random.split(jax.random.key(0), 4)
     dt = jnp.dtype(adapter_dtype)
@@ -265,7 +266,7 @@ def test_lora_product_backward_is_autodiffs(adapter_dtype):
         h = jax.lax.dot_general(h, a, (((2,), (1,)), ((), ())))
         return jax.lax.dot_general(h, b, (((2,), (1,)), ((), ()))) * 2.0
 
-    y, vjp = jax.vjp(lambda x, a, b: _lora_product(x, a, b, 2.0), x, a, b)
+    y, vjp = jax.vjp(lambda x, a, b: _lora_product(x, *stash(x), a, b, 2.0), x, a, b)
     y_ref, vjp_ref = jax.vjp(plain, x, a, b)
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))

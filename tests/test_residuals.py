@@ -43,13 +43,18 @@ def test_one_tracer_gets_one_residual():
     assert seen == {"same": True, "other": True}
 
 
-@pytest.mark.skipif(not (cpu_nf4.lora_available() and cpu_nf4.attention_available()),
-                    reason="the native CPU path's layer (its LoRA and attention kernels: AVX-512 BF16)")
-def test_scanned_bf16_layer_stacks_stay_16_bit():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "xla"])
+def test_scanned_bf16_layer_stacks_stay_16_bit(native, monkeypatch):
     """In the compiled train step of a scanned bf16 model, no while loop carries a bf16 or fp32
     [layers, batch, seq, ...] activation stack: the half-precision residuals travel as uint16.
     (XLA:CPU turned each bf16 stack into an fp32 copy for the backward loop, and the norms saved
-    their inputs in fp32.)"""
+    their inputs in fp32.) Both the native CPU kernels' layer (where this CPU builds them) and the
+    XLA path's (the LoRA product, SwiGLU, attention and RoPE as XLA ops)."""
+    if native and not (cpu_nf4.lora_available() and cpu_nf4.attention_available()):
+        pytest.skip("the native CPU path's layer (its LoRA and attention kernels: AVX-512 BF16)")
+    if not native:
+        for name in ("lora_available", "attention_available", "swiglu_available", "rope_available"):
+            monkeypatch.setattr(cpu_nf4, name, lambda: False)
     layers, b, s, r = 3, 2, 32, 8
     cfg = _config(64, 160, layers, 4, 2, 300)
     model = _qlora_model(cfg, checkpointing=False, dtype=jnp.bfloat16, abstract=False,

@@ -59,7 +59,7 @@ class LoraAdapter(nnx.Module):
         h = x
         if self.dropout is not None:
             h = self.dropout(x.astype(a.dtype))  # PEFT casts the adapter's input to lora_A's dtype
-        h = _lora_product(h, a, b, self.scaling)
+        h = _lora_product(h, *stash(h), a, b, self.scaling)
         return h if self.layer_mask is None else h * self.layer_mask[...]
 
 
@@ -67,32 +67,35 @@ def _dot(x, y, cx, cy):
     return jax.lax.dot_general(x, y, (((cx,), (cy,)), ((), ())))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _lora_product(x, a, b, scaling):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lora_product(x, x_bits, a, b, scaling):
     """``(x @ A^T) @ B^T * scaling`` with x cast to A's dtype first (PEFT's order of operations).
     Its backward is autodiff's arithmetic with the weight gradients contracted over the tokens of
     operands in their own layout: dB = (hr^T @ g)^T (a small transpose of [r, out]), dA = dhr^T @ h.
     Left to autodiff, XLA:CPU wrote g^T [out, tokens] (fp32) element by element before each dB
-    product (0.4 s of a 3.1 s 1b-preset step)."""
-    return _lora_fwd(x, a, b, scaling)[0]
+    product (0.4 s of a 3.1 s 1b-preset step). ``x_bits`` (``ops._residuals.stash(x)``, made by the
+    caller, so that the q, k and v adapters keep one residual of their shared input) is what the
+    backward keeps of x: the input in its own dtype, a bf16 one as its bits."""
+    return _lora_fwd(x, x_bits, a, b, scaling)[0]
 
 
-def _lora_fwd(x, a, b, scaling):
+def _lora_fwd(x, x_bits, a, b, scaling):
     h = x.astype(a.dtype).reshape(-1, x.shape[-1])
     hr = _dot(h, a, 1, 1)  # [N, r]
     y = _dot(hr, b, 1, 1) * scaling
-    return y.reshape(*x.shape[:-1], b.shape[0]), (x, a, b, hr)  # the input saved in its own dtype
+    return y.reshape(*x.shape[:-1], b.shape[0]), (x_bits, a, b, hr)
 
 
 def _lora_bwd(scaling, res, g):
-    x, a, b, hr = res
+    x_bits, a, b, hr = res
+    x, = unstash(x_bits)
     h = x.astype(a.dtype).reshape(-1, x.shape[-1])
     gs = g.reshape(-1, g.shape[-1]) * scaling  # [N, out]
     db = _dot(hr, gs, 0, 0).T.astype(b.dtype)  # [r, out] -> [out, r]
     dhr = _dot(gs, b, 1, 0)  # [N, r]
     da = _dot(dhr, h, 0, 0).astype(a.dtype)  # [r, in]
     dx = _dot(dhr, a, 1, 0).astype(x.dtype).reshape(x.shape)
-    return dx, da, db
+    return dx, None, da, db
 
 
 _lora_product.defvjp(_lora_fwd, _lora_bwd)
