@@ -2,7 +2,8 @@
 with XLA as FFI custom calls:
 
 - ``cpu_gemv`` (``cpu/nf4_gemv.cc``): an NF4/FP4 matrix-vector product for up to ``MAX_M`` rows
-  (decode, short prefills), float32 or bfloat16;
+  (decode, short prefills), float32 or bfloat16; ``cpu_gemv_layer``, the same for one layer of a
+  scanned model's stacked weight, read in place;
 - ``cpu_gemm`` (``cpu/nf4_gemm.cc``): training-sized products in bfloat16, forward (x @ W^T) and
   backward (dy @ W), with AMX tiles (Intel Sapphire Rapids and later, where Linux grants them),
   AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the same bf16 values
@@ -69,6 +70,7 @@ SOURCES = tuple(Path(__file__).with_name("cpu") / name
                              "swiglu.cc", "lora.cc"))
 HEADERS = (Path(__file__).with_name("cpu") / "common.h",)
 TARGET = "qlora_jax_nf4_gemv"
+LAYER_TARGET = "qlora_jax_nf4_gemv_layer"
 GEMM_TARGET = "qlora_jax_nf4_gemm"
 DENSE_GEMM_TARGET = "qlora_jax_dense_gemm"
 ATTENTION_TARGETS = ("qlora_jax_attention_fwd", "qlora_jax_attention_bwd")
@@ -146,6 +148,7 @@ def _load() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemv), platform="cpu")
+        jax.ffi.register_ffi_target(LAYER_TARGET, jax.ffi.pycapsule(lib.QloraNf4GemvLayer), platform="cpu")
         isa = lib.QloraNf4GemmSupported()  # what the CPU has: 3 AMX, 2 AVX-512 BF16, 1 AVX2 + FMA, 0 neither
         if isa:
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemm), platform="cpu")
@@ -297,6 +300,18 @@ def cpu_gemv(x2, codes, absmax, table, *, n: int, blocksize: int):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), x2.dtype), vmap_method="sequential")
     return call(x2, codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table.astype(jnp.float32),
                 blocksize=np.int64(blocksize))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "blocksize"))
+def cpu_gemv_layer(x2, codes, layer, absmax, table, *, n: int, blocksize: int):
+    """``cpu_gemv`` with W one layer of a stack: ``codes`` u8 [L, n*K/2] (every layer's, read where
+    they lie: no slice of them is made), ``layer`` an int scalar in [0, L); ``absmax`` [ceil(n*K /
+    blocksize)] is that layer's."""
+    if not _load():
+        raise RuntimeError(f"the CPU kernel is not available: {_STATE['reason']}")
+    call = jax.ffi.ffi_call(LAYER_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), x2.dtype), vmap_method="sequential")
+    return call(x2, codes.reshape(-1), jnp.asarray(layer, jnp.int32).reshape(()),
+                absmax.reshape(-1).astype(jnp.float32), table.astype(jnp.float32), blocksize=np.int64(blocksize))
 
 
 @functools.partial(jax.jit, static_argnames=("n", "k", "blocksize", "transpose"))

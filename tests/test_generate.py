@@ -80,3 +80,56 @@ def test_bad_requests(tmp_path):
         qlora_jax.generate(model, jnp.ones((4,), jnp.int32))
     with pytest.raises(ValueError, match="temperature=0 must be positive"):
         qlora_jax.generate(model, PROMPTS, do_sample=True, temperature=0)
+
+
+def test_scanned_nf4_decoding_reads_stacked_codes_in_place(tmp_path, monkeypatch):
+    """A scanned NF4 model decodes with each layer's 4-bit weights read from the stacks by the CPU
+    GEMV (``LayerOfStack``): the same logits, bit for bit, as slicing every layer's leaves out of the
+    stacks (nnx.scan), and the compiled program slices no codes (a copy of them per token)."""
+    import importlib
+    import re
+
+    import jax
+    from flax import nnx
+
+    from qlora_jax.kernels import cpu_nf4
+    from qlora_jax.lora import LoraConfig, apply_lora
+    from qlora_jax.models import _decoder
+
+    if not cpu_nf4.available():
+        pytest.skip(f"the native CPU kernels: {cpu_nf4.unavailable_reason()}")
+    _hf_model("qwen2", tmp_path)
+    model = qlora_jax.from_pretrained(tmp_path, quantization=qlora_jax.QuantConfig(compute_dtype="bfloat16"),
+                                      dtype=jnp.bfloat16)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    ids = jnp.asarray(PROMPTS, jnp.int32)
+    mask = jnp.asarray(MASK, jnp.int32)
+    positions = _decoder.position_ids_from_mask(mask)
+    kv_mask = jnp.concatenate([mask, jnp.ones((2, 3), jnp.int32)], axis=1)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def decode(state):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m.forward(ids, positions, kv_mask, m.init_cache(2, ids.shape[1] + 3), 0)
+        tok = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+        step, _ = m.forward(tok, positions[:, -1:] + 1, kv_mask, cache, ids.shape[1])
+        return logits, step
+
+    hlo = decode.lower(state).compile().as_text()
+    in_place = decode(state)
+    tokens = np.asarray(qlora_jax.generate(model, PROMPTS, MASK, max_new_tokens=6, pad_token_id=0))
+    monkeypatch.setattr(_decoder, "_reads_stacks_in_place", lambda layers: False)
+    sliced = jax.jit(decode.__wrapped__)(state)
+    for ours, theirs in zip(in_place, sliced):
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+    generate_module = importlib.import_module("qlora_jax.generate")
+    generate_module._generate.clear_cache()
+    np.testing.assert_array_equal(tokens, np.asarray(qlora_jax.generate(model, PROMPTS, MASK, max_new_tokens=6,
+                                                                         pad_token_id=0)))
+    layers = model.config.num_hidden_layers
+    codes = {v.codes.shape[-1] for v in jax.tree.leaves(nnx.state(model.layers), is_leaf=lambda v: isinstance(
+        v, qlora_jax.QuantizedArray)) if isinstance(v, qlora_jax.QuantizedArray)}
+    assert hlo.count('custom_call_target="qlora_jax_nf4_gemv_layer"') == 2 * 7  # prefill and one step, 7 linears
+    sliced_codes = [s for s in re.findall(r"= u8\[1,(\d+)\]\S* dynamic-slice\(", hlo) if int(s) in codes]
+    assert not sliced_codes and layers > 1

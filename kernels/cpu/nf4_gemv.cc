@@ -255,26 +255,30 @@ void rows_avx2(const float* xs, int64_t m, int64_t k, const uint8_t* codes, cons
 }
 #endif
 
-ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes,
-                       ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table, ffi::Result<ffi::AnyBuffer> y,
-                       int64_t blocksize) {
+// The checks of x, y, absmax and table shared by both handlers; "" when they hold.
+const char* check_operands(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::F32>& absmax,
+                           const ffi::Buffer<ffi::F32>& table, ffi::Result<ffi::AnyBuffer>& y,
+                           int64_t blocksize) {
   auto xd = x.dimensions();
   auto yd = y->dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0])
-    return ffi::Error::InvalidArgument("nf4_gemv: x must be [M, K] and y [M, N]");
-  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0]) return "nf4_gemv: x must be [M, K] and y [M, N]";
+  const int64_t k = xd[1], n = yd[1];
   const ffi::DataType dt = x.element_type();
-  if (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("nf4_gemv: x must be float32 or bfloat16");
-  if (y->element_type() != dt) return ffi::Error::InvalidArgument("nf4_gemv: y must have x's dtype");
-  if (table.element_count() != 16) return ffi::Error::InvalidArgument("nf4_gemv: the code table has 16 entries");
-  if (static_cast<int64_t>(codes.element_count()) != (n * k + 1) / 2 || blocksize <= 0 ||
-      static_cast<int64_t>(absmax.element_count()) != (n * k + blocksize - 1) / blocksize)
-    return ffi::Error::InvalidArgument("nf4_gemv: codes/absmax do not match the [N, K] weight");
-  const bool bf16 = dt == ffi::DataType::BF16;
+  if (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) return "nf4_gemv: x must be float32 or bfloat16";
+  if (y->element_type() != dt) return "nf4_gemv: y must have x's dtype";
+  if (table.element_count() != 16) return "nf4_gemv: the code table has 16 entries";
+  if (blocksize <= 0 || static_cast<int64_t>(absmax.element_count()) != (n * k + blocksize - 1) / blocksize)
+    return "nf4_gemv: absmax does not match the [N, K] weight";
+  return "";
+}
+
+// y = x @ W^T for W's packed codes at c (one [N, K] weight); the operands checked
+ffi::Error gemv_run(ffi::ThreadPool& pool, ffi::AnyBuffer& x, const uint8_t* c, ffi::Buffer<ffi::F32>& absmax,
+                    ffi::Buffer<ffi::F32>& table, ffi::Result<ffi::AnyBuffer>& y, int64_t blocksize) {
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = y->dimensions()[1];
+  const bool bf16 = x.element_type() == ffi::DataType::BF16;
 
   std::vector<float> acc(m * n);
-  const uint8_t* c = codes.typed_data();
   const float* a = absmax.typed_data();
   const float* t = table.typed_data();
   // Row ranges ("parts") for the pool's threads; small weights run here alone.
@@ -339,6 +343,33 @@ ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   return finish();
 }
 
+ffi::Error Nf4GemvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes,
+                       ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table, ffi::Result<ffi::AnyBuffer> y,
+                       int64_t blocksize) {
+  if (const char* bad = check_operands(x, absmax, table, y, blocksize); *bad) return ffi::Error::InvalidArgument(bad);
+  const int64_t nk = x.dimensions()[1] * y->dimensions()[1];
+  if (static_cast<int64_t>(codes.element_count()) != (nk + 1) / 2)
+    return ffi::Error::InvalidArgument("nf4_gemv: codes do not match the [N, K] weight");
+  return gemv_run(pool, x, codes.typed_data(), absmax, table, y, blocksize);
+}
+
+// The same product with W one layer of a stack: codes u8 [L, N*K/2] (a scanned model's stacked
+// weight, whole), layer an s32 scalar in [0, L). A decoding step over scanned layers reads the layer's
+// codes where they lie; sliced out first (XLA's dynamic slice), every generated token copied the
+// model's codes once more.
+ffi::Error Nf4GemvLayerImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> codes,
+                            ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table,
+                            ffi::Result<ffi::AnyBuffer> y, int64_t blocksize) {
+  if (const char* bad = check_operands(x, absmax, table, y, blocksize); *bad) return ffi::Error::InvalidArgument(bad);
+  const int64_t per = (x.dimensions()[1] * y->dimensions()[1] + 1) / 2;
+  const int64_t total = static_cast<int64_t>(codes.element_count());
+  if (layer.element_count() != 1 || per == 0 || total % per != 0)
+    return ffi::Error::InvalidArgument("nf4_gemv_layer: codes must be [L, N*K/2] for the [N, K] weight, layer a scalar");
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= total / per) return ffi::Error::InvalidArgument("nf4_gemv_layer: layer index out of range");
+  return gemv_run(pool, x, codes.typed_data() + l * per, absmax, table, y, blocksize);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4Gemv, Nf4GemvImpl,
@@ -346,6 +377,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4Gemv, Nf4GemvImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("blocksize"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4GemvLayer, Nf4GemvLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()

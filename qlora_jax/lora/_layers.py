@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..ops._qmatmul import LayerOfStack
 from ..ops._residuals import stash, unstash
 from ..quant import Int8Array, QuantizedArray
 from ..sharding import constrain
@@ -159,7 +160,7 @@ class LoraLinear(nnx.Module):
         adapter = self.lora[self.active_adapter]
         weight = getattr(self.base_layer, "weight", None)
         weight = weight.get_value() if isinstance(weight, nnx.Variable) else weight
-        round_first = isinstance(weight, (QuantizedArray, Int8Array))
+        round_first = isinstance(weight, (QuantizedArray, Int8Array, LayerOfStack))
         row_parallel = getattr(self.base_layer, "row_parallel", False)
         a, b = adapter.lora_A[...], adapter.lora_B[...]
         if adapter.dropout is None and adapter.layer_mask is None and _native_sum(result, x, a, b):

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..ops import qmatmul
+from ..ops._qmatmul import LayerOfStack
+from ..quant import QuantizedArray
 from ..sharding import constrain
 from ._config import DecoderConfig
 from ._layers import DecoderLayer, Linear, RMSNorm
@@ -30,6 +32,20 @@ def _policy(gradient_checkpointing):
         raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r} is not a jax.checkpoint_policies "
                          f"name; expected True, False or one of {names}")
     return policy
+
+
+def _reads_stacks_in_place(layers) -> bool:
+    """Whether a decoding step over these scanned layers hands their 4-bit weights to the CPU GEMV as
+    views of the stacks: on CPU, no mesh in context, the kernels built, and the layers hold no RNG
+    state (dropout: nnx.scan carries its updates) and some 4-bit weight."""
+    from ..kernels import cpu_nf4
+
+    if not (jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty and cpu_nf4.available()):
+        return False
+    if jax.tree.leaves(nnx.state(layers, nnx.RngState)):
+        return False
+    leaves = jax.tree.leaves(nnx.state(layers), is_leaf=lambda v: isinstance(v, QuantizedArray))
+    return any(isinstance(v, QuantizedArray) and len(v.batch_shape) == 1 for v in leaves)
 
 
 def position_ids_from_mask(attention_mask_BxS):
@@ -149,6 +165,20 @@ class CausalLM(nnx.Module):
                 return run_layer(layer, h, window, None)
 
             x = body(x, self.layers, windows)
+        elif self.scan_layers and _reads_stacks_in_place(self.layers):
+            # Decoding on CPU: each layer's 4-bit weights reach the GEMV kernel as a view of the
+            # stacks (LayerOfStack), the layer's other leaves (norms, adapters, scales) as slices.
+            # nnx.scan would slice every leaf, copying all of the model's codes per token.
+            graphdef, stacked = nnx.split(self.layers)
+            is_4bit = lambda v: isinstance(v, QuantizedArray)  # noqa: E731
+
+            def body_in_place(h, xs):
+                i, window, kv = xs
+                state = jax.tree.map(lambda v: LayerOfStack(v, i) if is_4bit(v)
+                                     else jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False), stacked, is_leaf=is_4bit)
+                return run_layer(nnx.merge(graphdef, state), h, window, kv)
+
+            x, cache = jax.lax.scan(body_in_place, x, (jnp.arange(cfg.num_hidden_layers), windows, cache))
         elif self.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
             def body_cached(h, layer, window, kv):

@@ -23,6 +23,10 @@ Under a mesh in context (``jax.set_mesh``) the kernel backends run in a ``shard_
 batch axes (data, fsdp): each device multiplies its rows of x by the whole (gathered) weight, as
 XLA's partitioner cannot split the kernels' custom calls.
 
+A ``LayerOfStack`` (layer i of a scanned model's stacked 4-bit weight, made by the decoder when it
+decodes over scanned layers) runs the CPU GEMV on the stack's codes where they lie; anything else
+takes the layer's slice and goes on as above.
+
 Gradients: with respect to ``x`` only (dx = dy @ dequant(W), large weights a band of rows at a time:
 ``ops._chunked``); the frozen quantized weight gets a symbolic zero, so no gradient buffer of its
 size is ever made.
@@ -42,6 +46,42 @@ from ..quant._int8 import check_threshold
 from ._chunked import band_rows, input_grad
 
 BACKENDS = ("auto", "pallas", "triton", "cpu", "xla")
+
+
+@jax.tree_util.register_pytree_node_class
+class LayerOfStack:
+    """Layer ``index`` of ``stack``, a QuantizedArray stacked over one leading (layer) axis, without
+    slicing it out. A scanned model's decoding step multiplied each layer's weight after XLA sliced
+    it from the stack (a dynamic slice: a copy of the model's codes per generated token); the CPU GEMV
+    reads the layer's codes in the stack instead (``kernels.cpu_nf4.cpu_gemv_layer``). ``slice()``
+    is the plain per-layer QuantizedArray, for every other path."""
+
+    def __init__(self, stack: QuantizedArray, index):
+        self.stack, self.index = stack, index
+
+    def tree_flatten(self):
+        return (self.stack, self.index), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        return tuple(self.stack.logical_shape)
+
+    def slice(self) -> QuantizedArray:
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False), self.stack)
+
+    def absmax(self) -> jax.Array:
+        """The layer's fp32 first-level absmax (double quantization undone), its scales alone sliced."""
+        from ..quant._core import dequantize_nested_flat
+
+        sl = lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False)  # noqa: E731
+        q = self.stack
+        if not q.double_quant:
+            return sl(q.absmax)
+        return dequantize_nested_flat(sl(q.absmax), sl(q.nested_absmax), sl(q.offset), q.nested_blocksize)
 
 
 def _dot_t(x, w):
@@ -276,6 +316,24 @@ def _cpu_bwd(w, dy):
 _qmatmul_cpu.defvjp(lambda x2, w: (_qmatmul_cpu(x2, w), w), _cpu_bwd)
 
 
+@jax.custom_vjp
+def _qmatmul_cpu_layer(x2, w: LayerOfStack):
+    """The GEMV with W layer ``w.index`` of the stacked codes, read in place."""
+    from ..kernels import cpu_nf4
+    from ..quant._tables import CODE_TABLES
+
+    q = w.stack
+    return cpu_nf4.cpu_gemv_layer(x2, q.codes, w.index, w.absmax(), jnp.asarray(CODE_TABLES[q.quant_type], jnp.float32),
+                                  n=q.logical_shape[0], blocksize=q.blocksize)
+
+
+def _cpu_layer_bwd(w, dy):
+    return _cpu_bwd(w.slice(), dy)[0], None
+
+
+_qmatmul_cpu_layer.defvjp(lambda x2, w: (_qmatmul_cpu_layer(x2, w), w), _cpu_layer_bwd)
+
+
 def _cpu_kernel_takes(x, w: QuantizedArray) -> bool:
     """Whether a CPU kernel runs this product: the GEMV one for up to ``cpu_nf4.MAX_M`` rows, the
     GEMM one (AVX-512 BF16 or AVX2) for more rows of bfloat16; not under a mesh."""
@@ -340,6 +398,17 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
     if threshold is not None:
         raise ValueError(f"threshold={threshold!r} applies to 8-bit weights only; this weight is "
                          f"{type(w).__name__}")
+    if isinstance(w, LayerOfStack):
+        q = w.stack
+        n, k = q.logical_shape
+        if (len(q.batch_shape) == 1 and k == x.shape[-1] and resolve_backend(backend, q) == "cpu"
+                and _cpu_kernel_takes(x, q)):
+            from ..kernels import cpu_nf4
+
+            m = math.prod(x.shape[:-1])
+            if cpu_nf4.gemv_takes(m, n, k, q.blocksize, x.dtype):
+                return _qmatmul_cpu_layer(x.reshape(-1, k), w).reshape(*x.shape[:-1], n)
+        w = w.slice()
     if not isinstance(w, QuantizedArray):
         if w.ndim != 2 or w.shape[1] != x.shape[-1]:
             raise ValueError(f"weight shape {tuple(w.shape)} does not fit input [..., {x.shape[-1]}]; "
