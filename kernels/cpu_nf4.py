@@ -8,7 +8,7 @@ with XLA as FFI custom calls:
   backward (dy @ W), with AMX tiles (Intel Sapphire Rapids and later, where Linux grants them),
   AVX-512 BF16 dot products or, on CPUs without them, AVX2 fp32 FMAs of the same bf16 values
   (``gemm_available()``, ``gemm_isa()``);
-- ``cpu_dense_gemm`` (``cpu/nf4_gemm.cc``, AMX or AVX-512 BF16): the same products with a dense
+- ``cpu_dense_gemm`` (``cpu/nf4_gemm.cc``, AMX, AVX-512 BF16 or AVX2): the same products with a dense
   bf16 weight
   (the LM head: ``ops.linear_cross_entropy_sum``);
 - ``cpu_attention`` and ``cpu_attention_bwd`` (``cpu/attention.cc``): grouped-query attention for
@@ -18,11 +18,12 @@ with XLA as FFI custom calls:
   the backward, masked 32-key panels skipped;
 - ``cpu_xent_lse`` and ``cpu_xent_grad`` (``cpu/xent.cc``): the LM head's cross-entropy on bf16
   logits, each row's logsumexp and the logits' gradient, in one pass each over the logits
-  (``xent_available()``: AVX-512);
+  (``xent_available()``: AVX-512 or AVX2);
 - ``cpu_rope`` and ``cpu_rope_bwd`` (``cpu/rope.cc``): rotary embeddings on bf16 and their
-  gradient, bit for bit as the jnp form (``rope_available()``: AVX-512);
+  gradient, bit for bit as the jnp form (``rope_available()``: AVX-512 or AVX2);
 - ``cpu_swiglu`` and ``cpu_swiglu_bwd`` (``cpu/swiglu.cc``): the SwiGLU MLP's ``silu(g) * u`` on
-  bf16 and its gradient, PyTorch's arithmetic in one pass each (``swiglu_available()``: AVX-512);
+  bf16 and its gradient, PyTorch's arithmetic in one pass each (``swiglu_available()``: AVX-512 or
+  AVX2);
 - ``cpu_lora_down``, ``cpu_lora_up`` and ``cpu_lora_grad`` (``cpu/lora.cc``): LoRA's rank-r
   products of bf16 activations with fp32 adapters, the B product summed into the base layer's
   bf16 result in the same pass, and the adapters' weight gradients from bf16 operands
@@ -153,21 +154,21 @@ def _load() -> bool:
         if isa:
             jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.QloraNf4Gemm), platform="cpu")
             _STATE["gemm"] = {3: "amx_bf16", 2: "avx512_bf16", 1: "avx2"}[isa]
-        if isa >= 2:  # the dense bf16 products (the LM head) on the same blocks (AMX or AVX-512 BF16)
+            # the dense bf16 products (the LM head) on the same blocks
             jax.ffi.register_ffi_target(DENSE_GEMM_TARGET, jax.ffi.pycapsule(lib.QloraDenseGemm), platform="cpu")
         if lib.QloraAttentionSupported():  # AVX-512 BF16
             for target, fn in zip(ATTENTION_TARGETS, (lib.QloraAttentionFwd, lib.QloraAttentionBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
             _STATE["attention"] = True
-        if lib.QloraXentSupported():  # AVX-512 BW
+        if lib.QloraXentSupported():  # AVX-512 BW or AVX2
             for target, fn in zip(XENT_TARGETS, (lib.QloraXentFwd, lib.QloraXentBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
             _STATE["xent"] = True
-        if lib.QloraRopeSupported():  # AVX-512 BW
+        if lib.QloraRopeSupported():  # AVX-512 BW or AVX2
             for target, fn in zip(ROPE_TARGETS, (lib.QloraRopeFwd, lib.QloraRopeBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
             _STATE["rope"] = True
-        if lib.QloraSwigluSupported():  # AVX-512 BW
+        if lib.QloraSwigluSupported():  # AVX-512 BW or AVX2
             for target, fn in zip(SWIGLU_TARGETS, (lib.QloraSwigluFwd, lib.QloraSwigluBwd)):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
             _STATE["swiglu"] = True
@@ -331,22 +332,22 @@ def cpu_gemm(x2, codes, absmax, table, *, n: int, k: int, blocksize: int, transp
 
 
 def dense_gemm_supported(n: int, k: int, dtype, *, transpose: bool) -> bool:
-    """Whether ``cpu_dense_gemm`` runs here for a bf16 weight [n, k]: AMX or AVX-512 BF16, bfloat16,
-    K a multiple of 32 and, for the backward, an even N."""
-    return (_load() and _STATE["gemm"] in ("amx_bf16", "avx512_bf16")
+    """Whether ``cpu_dense_gemm`` runs here for a bf16 weight [n, k]: a GEMM kernel built (AMX,
+    AVX-512 BF16 or AVX2), bfloat16, K a multiple of 32 and, for the backward, an even N."""
+    return (_load() and _STATE["gemm"] in ("amx_bf16", "avx512_bf16", "avx2")
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and k % 32 == 0 and (n % 2 == 0 or not transpose))
 
 
 @functools.partial(jax.jit, static_argnames=("transpose",))
 def cpu_dense_gemm(x2, w, *, transpose: bool = False):
-    """bfloat16 products with a dense bf16 weight ``w`` [n, k] on AMX or AVX-512 BF16 (the LM head):
+    """bfloat16 products with a dense bf16 weight ``w`` [n, k] on AMX, AVX-512 BF16 or AVX2 (the LM head):
     ``x2 [M, k] @ w^T -> [M, n]``, or with ``transpose`` ``x2 [M, n] @ w -> [M, k]``; fp32 sums
     rounded to bf16."""
     n, k = w.shape
     if not dense_gemm_supported(n, k, x2.dtype, transpose=transpose) or w.dtype != x2.dtype \
             or x2.ndim != 2 or x2.shape[1] != (n if transpose else k):
         raise ValueError(f"cpu_dense_gemm takes bfloat16 [M, {n if transpose else k}] inputs for a bfloat16 "
-                         f"[{n}, {k}] weight on a CPU with AMX or AVX-512 BF16 (K a multiple of 32); got "
+                         f"[{n}, {k}] weight on a CPU with AMX, AVX-512 BF16 or AVX2 (K a multiple of 32); got "
                          f"{x2.dtype} {x2.shape}, weight {w.dtype}, GEMM kernel {gemm_isa()}")
     call = jax.ffi.ffi_call(DENSE_GEMM_TARGET, jax.ShapeDtypeStruct((x2.shape[0], k if transpose else n), x2.dtype),
                             vmap_method="sequential")
@@ -444,13 +445,13 @@ def reference_cpu_attention(q, k, v, mask, *, scale: float):
 
 
 def xent_available() -> bool:
-    """Whether the cross-entropy kernels are built (they need a CPU with AVX-512 BW)."""
+    """Whether the cross-entropy kernels are built (they need a CPU with AVX-512 BW or AVX2 + FMA)."""
     return _load() and _STATE["xent"]
 
 
 def _xent_check(logits):
     if not xent_available():
-        raise RuntimeError(f"the CPU cross-entropy kernel is not available: {_STATE['reason'] or 'no AVX-512'}")
+        raise RuntimeError(f"the CPU cross-entropy kernel is not available: {_STATE['reason'] or 'neither AVX-512 nor AVX2'}")
     if logits.ndim != 2 or logits.dtype != jnp.bfloat16:
         raise ValueError(f"cpu_xent takes bfloat16 logits [N, V]; got {logits.dtype}{logits.shape}")
 
@@ -511,13 +512,13 @@ def reference_xent_grad(logits, lse, labels, scale):
 
 
 def rope_available() -> bool:
-    """Whether the rotary-embedding kernels are built (they need a CPU with AVX-512 BW)."""
+    """Whether the rotary-embedding kernels are built (they need a CPU with AVX-512 BW or AVX2 + FMA)."""
     return _load() and _STATE["rope"]
 
 
 def _rope_call(target, x, cos, sin):
     if not rope_available():
-        raise RuntimeError(f"the CPU rope kernel is not available: {_STATE['reason'] or 'no AVX-512'}")
+        raise RuntimeError(f"the CPU rope kernel is not available: {_STATE['reason'] or 'neither AVX-512 nor AVX2'}")
     b, s, _, d = x.shape if x.ndim == 4 else (None, None, None, None)
     if (x.ndim != 4 or d % 2 or cos.shape != (b, s, d) or sin.shape != (b, s, d)
             or not x.dtype == cos.dtype == sin.dtype == jnp.bfloat16):
@@ -548,13 +549,13 @@ def reference_rope(x, cos, sin):
 
 
 def swiglu_available() -> bool:
-    """Whether the SwiGLU kernels are built (they need a CPU with AVX-512 BW)."""
+    """Whether the SwiGLU kernels are built (they need a CPU with AVX-512 BW or AVX2 + FMA)."""
     return _load() and _STATE["swiglu"]
 
 
 def _swiglu_check(*arrays):
     if not swiglu_available():
-        raise RuntimeError(f"the CPU swiglu kernel is not available: {_STATE['reason'] or 'no AVX-512'}")
+        raise RuntimeError(f"the CPU swiglu kernel is not available: {_STATE['reason'] or 'neither AVX-512 nor AVX2'}")
     if any(a.dtype != jnp.bfloat16 or a.shape != arrays[0].shape for a in arrays):
         raise ValueError("cpu_swiglu takes bfloat16 operands of one shape; got "
                          + ", ".join(f"{a.dtype}{a.shape}" for a in arrays))

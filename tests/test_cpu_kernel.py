@@ -181,6 +181,35 @@ for n, k, m, qt, transpose in [(300, 2080, 97, "nf4", False), (2090, 96, 20, "fp
         got, want = cpu_nf4.cpu_gemm(*args, **kw), cpu_nf4.reference_cpu_gemm(*args, **kw)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=2 ** -8 * float(np.abs(want).max()))
+for n, k, m, transpose in [(1030, 512, 45, False), (1030, 512, 1, False), (70, 96, 3, False), (300, 64, 32, True)]:
+    if not gemm:  # the dense products (the LM head) on every GEMM kernel's blocks, decode's few rows too
+        continue
+    x = jax.random.normal(jax.random.key(1), (m, n if transpose else k)).astype(jnp.bfloat16)
+    w = (0.1 * jax.random.normal(jax.random.key(2), (n, k))).astype(jnp.bfloat16)
+    got = np.asarray(cpu_nf4.cpu_dense_gemm(x, w, transpose=transpose), np.float32)
+    want = np.asarray(cpu_nf4.reference_cpu_dense_gemm(x, w, transpose=transpose), np.float32)
+    np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=2 ** -8 * float(np.abs(want).max()))
+vectors = expected is not None  # AVX2 or AVX-512: the elementwise kernels (cross-entropy, RoPE, SwiGLU) too
+assert cpu_nf4.xent_available() == cpu_nf4.rope_available() == cpu_nf4.swiglu_available() == vectors
+if vectors:
+    from qlora_jax.models._rope import rope_cos_sin, rope_inv_freq
+    k = jax.random.split(jax.random.key(3), 4)
+    logits = (jax.random.normal(k[0], (37, 300)) * 4).astype(jnp.bfloat16)
+    labels = jax.random.randint(k[1], (37,), 0, 300)
+    scale = jnp.full((37,), 1 / 37, jnp.float32)
+    lse, ref = cpu_nf4.cpu_xent_lse(logits), cpu_nf4.reference_xent_lse(logits)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref), rtol=2e-6, atol=1e-6)
+    g = np.asarray(cpu_nf4.cpu_xent_grad(logits, ref, labels, scale), np.float32)
+    g_ref = np.asarray(cpu_nf4.reference_xent_grad(logits, ref, labels, scale), np.float32)
+    np.testing.assert_array_less(np.abs(g - g_ref), np.abs(g_ref) * 2.0 ** -7 + 1e-38)
+    x = (jax.random.normal(k[2], (2, 7, 4, 80)) * 3).astype(jnp.bfloat16)  # 40 per half: a partial group
+    cos, sin = rope_cos_sin(jnp.arange(7)[None].repeat(2, 0) * 7, rope_inv_freq(80, 10000.0), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(cpu_nf4.cpu_rope(x, cos, sin), np.float32),
+                                  np.asarray(cpu_nf4.reference_rope(x, cos, sin), np.float32))
+    gate, up = (jax.random.normal(k[3], (2, 3, 37, 71)) * 4).astype(jnp.bfloat16)[:2]
+    h, h_ref = (np.asarray(f(gate, up), np.float32) for f in (cpu_nf4.cpu_swiglu, cpu_nf4.reference_swiglu))
+    np.testing.assert_array_less(np.abs(h - h_ref), np.abs(h_ref) * 2.0 ** -7 + 1e-38)
+    assert np.mean(h == h_ref) >= 0.99
 print("checked")
 """
 
@@ -192,7 +221,8 @@ def test_the_avx2_and_avx512_builds_match_their_twins(tmp_path, setting):
     # without AVX2 (another architecture) no GEMM kernel, the GEMV kernel's scalar code.
     # QLORA_JAX_CPU_KERNEL=avx512 builds without AMX: where the CPU has AMX, the only run of the
     # AVX-512 BF16 GEMM code. QLORA_JAX_CPU_KERNEL=avx512f builds without AVX-512 BF16 too: where
-    # the CPU has it, the only run of the GEMV kernel's AVX-512 fp32 code on bf16 x
+    # the CPU has it, the only run of the GEMV kernel's AVX-512 fp32 code on bf16 x. The elementwise
+    # kernels (cross-entropy, RoPE, SwiGLU) are checked against their twins in every build
     import os
     import subprocess
     import sys
@@ -336,8 +366,8 @@ def test_dense_gemm_matches_its_twin(n, k, m, transpose):
     x = jax.random.normal(jax.random.key(1), (m, n if transpose else k)).astype(jnp.bfloat16)
     w = (0.1 * jax.random.normal(jax.random.key(2), (n, k))).astype(jnp.bfloat16)
     if not cpu_nf4.dense_gemm_supported(n, k, jnp.bfloat16, transpose=transpose):  # neither: a clear refusal
-        assert cpu_nf4.gemm_isa() not in ("amx_bf16", "avx512_bf16")
-        with pytest.raises(ValueError, match="AMX or AVX-512 BF16"):
+        assert cpu_nf4.gemm_isa() not in ("amx_bf16", "avx512_bf16", "avx2")
+        with pytest.raises(ValueError, match="AMX, AVX-512 BF16 or AVX2"):
             cpu_nf4.cpu_dense_gemm(x, w, transpose=transpose)
         return
     ours = cpu_nf4.cpu_dense_gemm(x, w, transpose=transpose)
@@ -346,7 +376,7 @@ def test_dense_gemm_matches_its_twin(n, k, m, transpose):
 
 
 def test_a_dense_product_of_few_rows_runs_on_the_kernel_with_autodiffs_gradient():
-    # decode's LM head: up to dense_kernel_rows() rows of bf16 x (4, on AMX or AVX-512 BF16) against
+    # decode's LM head: up to dense_kernel_rows() rows of bf16 x (4, on AMX, AVX-512 BF16 or AVX2) against
     # a dense bf16 weight take the kernel (XLA's one-row dot is slow on CPU), not more rows, not
     # backend="xla"; gradients are the XLA product's
     from qlora_jax.ops import _qmatmul
@@ -357,7 +387,7 @@ def test_a_dense_product_of_few_rows_runs_on_the_kernel_with_autodiffs_gradient(
         x = jax.random.normal(jax.random.key(1), shape).astype(jnp.bfloat16)
         hlo = jax.jit(lambda a, b: qmatmul(a, b, backend=backend)).lower(x, w).as_text()
         rows = shape[0] * shape[1]
-        expect = native and rows <= {"amx_bf16": 4, "avx512_bf16": 4}.get(cpu_nf4.gemm_isa(), 0)
+        expect = native and rows <= {"amx_bf16": 4, "avx512_bf16": 4, "avx2": 4}.get(cpu_nf4.gemm_isa(), 0)
         assert (cpu_nf4.DENSE_GEMM_TARGET in hlo) == expect, (shape, backend)
         ours = qmatmul(x, w, backend=backend)
         assert ours.shape == (*shape[:-1], 1030) and ours.dtype == jnp.bfloat16

@@ -1,5 +1,5 @@
 """The native CPU rotary-embedding kernels (kernels/cpu/rope.cc, qlora_jax.kernels.cpu_nf4.cpu_rope and
-cpu_rope_bwd): built where the CPU has AVX-512, bit for bit the jnp form (transformers'
+cpu_rope_bwd): built where the CPU has AVX-512 or AVX2 + FMA, bit for bit the jnp form (transformers'
 ``apply_rotary_pos_emb``) and autodiff's gradient of it; chosen by ``apply_rope`` in bf16."""
 
 import jax
@@ -11,12 +11,12 @@ from qlora_jax.kernels import cpu_nf4
 from qlora_jax.models._rope import apply_rope, rope_cos_sin, rope_inv_freq
 from test_cpu_kernel import _cpu_flags
 
-HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
-native = pytest.mark.skipif(not HAS_AVX512, reason="the kernels need AVX-512 (the jnp form runs)")
+HAS_VECTORS = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags() or {"avx2", "fma"} <= _cpu_flags()
+native = pytest.mark.skipif(not HAS_VECTORS, reason="the kernels need AVX-512 or AVX2 (the jnp form runs)")
 
 
-def test_rope_kernels_are_built_where_the_cpu_has_avx512():
-    assert cpu_nf4.rope_available() == (HAS_AVX512 and cpu_nf4.available())
+def test_rope_kernels_are_built_where_the_cpu_has_avx512_or_avx2():
+    assert cpu_nf4.rope_available() == (HAS_VECTORS and cpu_nf4.available())
 
 
 def _operands(b, s, h, d, seed=0):

@@ -1,5 +1,5 @@
 """The native CPU SwiGLU kernels (kernels/cpu/swiglu.cc, qlora_jax.kernels.cpu_nf4.cpu_swiglu and
-cpu_swiglu_bwd): built where the CPU has AVX-512, equal to their jnp twins but for exp's last bit,
+cpu_swiglu_bwd): built where the CPU has AVX-512 or AVX2 + FMA, equal to their jnp twins but for exp's last bit,
 and PyTorch's ``F.silu(g) * u`` forward and backward; chosen by ``models._layers.swiglu`` in bf16,
 whose gradient is the twins' in every dtype."""
 
@@ -13,12 +13,12 @@ from qlora_jax.kernels import cpu_nf4
 from qlora_jax.models._layers import swiglu
 from test_cpu_kernel import _cpu_flags
 
-HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
-native = pytest.mark.skipif(not HAS_AVX512, reason="the kernels need AVX-512 (the jnp twins run)")
+HAS_VECTORS = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags() or {"avx2", "fma"} <= _cpu_flags()
+native = pytest.mark.skipif(not HAS_VECTORS, reason="the kernels need AVX-512 or AVX2 (the jnp twins run)")
 
 
-def test_swiglu_kernels_are_built_where_the_cpu_has_avx512():
-    assert cpu_nf4.swiglu_available() == (HAS_AVX512 and cpu_nf4.available())
+def test_swiglu_kernels_are_built_where_the_cpu_has_avx512_or_avx2():
+    assert cpu_nf4.swiglu_available() == (HAS_VECTORS and cpu_nf4.available())
 
 
 def _operands(shape, dtype=jnp.bfloat16, seed=0):

@@ -1,5 +1,5 @@
 """The native CPU cross-entropy kernels (kernels/cpu/xent.cc, qlora_jax.kernels.cpu_nf4.cpu_xent_lse and
-cpu_xent_grad): built where the CPU has AVX-512, equal to their jnp twins but for the fp32 order of the
+cpu_xent_grad): built where the CPU has AVX-512 or AVX2 + FMA, equal to their jnp twins but for the fp32 order of the
 row sums and exp's last bit, on ragged vocabularies, rows without a label and extreme logits; chosen by
 ``ops.linear_cross_entropy_sum`` for bf16 logits."""
 
@@ -12,14 +12,14 @@ from qlora_jax.kernels import cpu_nf4
 from qlora_jax.ops import linear_cross_entropy_sum
 from test_cpu_kernel import _cpu_flags
 
-HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
+HAS_VECTORS = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags() or {"avx2", "fma"} <= _cpu_flags()
 
 
-def test_xent_kernels_are_built_where_the_cpu_has_avx512():
-    assert cpu_nf4.xent_available() == (HAS_AVX512 and cpu_nf4.available())
+def test_xent_kernels_are_built_where_the_cpu_has_avx512_or_avx2():
+    assert cpu_nf4.xent_available() == (HAS_VECTORS and cpu_nf4.available())
 
 
-native = pytest.mark.skipif(not HAS_AVX512, reason="the kernels need AVX-512 (the jnp twins run)")
+native = pytest.mark.skipif(not HAS_VECTORS, reason="the kernels need AVX-512 or AVX2 (the jnp twins run)")
 
 
 @native

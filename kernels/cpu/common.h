@@ -147,6 +147,80 @@ inline __mmask16 lanes(int64_t n) {  // the first n of 16 lanes (n may be <= 0 o
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
+// The elementwise helpers' AVX2 forms, 8 lanes (xent.cc, rope.cc, swiglu.cc on CPUs without
+// AVX-512): the same arithmetic lane for lane. AVX2 has no 16-bit masked loads or stores, so a
+// partial group (n < 8) goes through a small buffer.
+#define QLORA_AVX2_ELEMENTWISE 1
+inline __m256 bf16_round8(__m256 v) {  // fp32 -> the nearest bf16 (even), as fp32; NaN kept quiet
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  const __m256 rounded = _mm256_castsi256_ps(rounding_bias_added(u));
+  const __m256 quiet = _mm256_castsi256_ps(_mm256_or_si256(u, _mm256_set1_epi32(0x400000)));
+  const __m256 bits = _mm256_blendv_ps(rounded, quiet, nan);
+  return _mm256_and_ps(bits, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// up to 8 bf16 -> fp32 (n <= 0: none; lanes past n get `fill`'s bits, +0.0 by default)
+inline __m256 load_bf16_8(const uint16_t* p, int64_t n, uint16_t fill = 0) {
+  __m128i h;
+  if (n >= 8) {
+    h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) uint16_t buf[8];
+    for (int i = 0; i < 8; ++i) buf[i] = i < n ? p[i] : fill;
+    h = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+  }
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// an already-rounded fp32 (bf16_round8) -> its first n (up to 8) bf16 at p
+inline void store_bf16_8(uint16_t* p, __m256 rounded, int64_t n) {
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(rounded), 16);
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+  if (n >= 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  } else if (n > 0) {
+    alignas(16) uint16_t buf[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(buf), h);
+    std::memcpy(p, buf, sizeof(uint16_t) * n);
+  }
+}
+
+// exp16's arithmetic on 8 lanes (Cephes' expf, the same steps and constants): 2^n applied as two
+// exact power-of-two factors in place of scalef (n in [-126, 128]: each factor a normal float, the
+// first product exact, the second rounded once, as scalef rounds).
+inline __m256 exp8(__m256 x, float hi = 88.3762626647949f) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(hi));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+  const __m256 e = _mm256_andnot_ps(under, _mm256_mul_ps(_mm256_mul_ps(p, f1), f2));
+  return _mm256_blendv_ps(e, x, nan);
+}
+
+inline float reduce_max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // Linux gives a process AMX tile data only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA, 18); a kernel or hypervisor that refuses leaves the AVX-512 BF16 path.

@@ -434,16 +434,39 @@ inline void decode16(const Weight& w, int64_t row, int64_t c0, const Table& tabl
   odd = lookup(table, _mm256_and_si256(bytes, _mm256_set1_epi32(0xF)), s);
 }
 
+// Where a panel's weights come from (the AVX2 form of the AVX-512 path's QuantizedRows and
+// DenseRows): the packed 4-bit weight, decoded as dequantize(w, bf16) rounds it, or a dense bf16
+// one (the LM head). split16(): elements c0 .. c0+15 of a row, the even ones in `even` and the odd
+// ones in `odd`, as fp32 (exact).
+struct QuantizedRows {
+  const Weight& w;
+  const Table& table;
+  int64_t rows() const { return w.n; }
+  void split16(int64_t row, int64_t c0, __m256& even, __m256& odd) const { decode16(w, row, c0, table, even, odd); }
+};
+
+struct DenseRows {
+  const uint16_t* w;  // [n, k] bf16, row-major
+  int64_t n, k;
+  int64_t rows() const { return n; }
+  void split16(int64_t row, int64_t c0, __m256& even, __m256& odd) const {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + row * k + c0));  // 8 pairs
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+};
+
 // Forward panel of reduction elements e0 .. e1-1 (multiples of 32 but e1 = K): float (e - e0, j) =
 // W[n0 + j, e], columns W's rows n0 .. n0+15 (zeros past N).
-void pack_forward(const Weight& w, int64_t n0, int64_t e0, int64_t e1, const Table& table, float* panel) {
-  const int64_t cols = std::min<int64_t>(NR, w.n - n0);
+template <typename Rows>
+void pack_forward(const Rows& src, int64_t n0, int64_t e0, int64_t e1, float* panel) {
+  const int64_t cols = std::min<int64_t>(NR, src.rows() - n0);
   if (cols < NR) std::memset(panel, 0, sizeof(float) * (e1 - e0) * NR);
   alignas(32) float even[8], odd[8];
   for (int64_t j = 0; j < cols; ++j)
     for (int64_t c0 = e0; c0 < e1; c0 += 16) {
       __m256 e, o;
-      decode16(w, n0 + j, c0, table, e, o);
+      src.split16(n0 + j, c0, e, o);
       _mm256_store_ps(even, e);
       _mm256_store_ps(odd, o);
       float* dst = panel + (c0 - e0) * NR + j;
@@ -456,10 +479,11 @@ void pack_forward(const Weight& w, int64_t n0, int64_t e0, int64_t e1, const Tab
 
 // Backward panel of reduction elements (W's rows) e0 .. e1-1: float (q - e0, j) = W[q, column j],
 // columns W's columns k0 .. k0+15 (even ones, then odd).
-void pack_backward(const Weight& w, int64_t k0, int64_t e0, int64_t e1, const Table& table, float* panel) {
+template <typename Rows>
+void pack_backward(const Rows& src, int64_t k0, int64_t e0, int64_t e1, float* panel) {
   for (int64_t q = e0; q < e1; ++q) {
     __m256 e, o;
-    decode16(w, q, k0, table, e, o);
+    src.split16(q, k0, e, o);
     _mm256_store_ps(panel + (q - e0) * NR, e);
     _mm256_store_ps(panel + (q - e0) * NR + 8, o);
   }
@@ -550,8 +574,9 @@ constexpr int64_t KC = 2048;  // reduction elements a panel chunk holds at most 
 // chunks of at most KC elements (a whole-K panel of 5632 was 360 KiB, which the input's stream
 // pushed out of a 512 KiB L2: 85 GFLOP/s against 145 at K = 2048), the fp32 sums of every row
 // carried from chunk to chunk (the same summation order as one pass), then rounded to bf16.
-void panel_product(const Weight& w, const Table& table, int64_t c0, int64_t cols, bool transpose,
-                   const uint32_t* xw, int64_t m, int64_t red, uint16_t* y, int64_t ldy) {
+template <typename Rows>
+void panel_product(const Rows& src, int64_t c0, int64_t cols, bool transpose, const uint32_t* xw, int64_t m,
+                   int64_t red, uint16_t* y, int64_t ldy) {
   thread_local qlora_cpu::Scratch panel_buffer, sums_buffer;
   const int64_t tiles = (m + MR - 1) / MR, chunks = (red + KC - 1) / KC;
   const int64_t len = ((red + chunks - 1) / chunks + 31) / 32 * 32;  // chunks start at multiples of 32
@@ -560,8 +585,8 @@ void panel_product(const Weight& w, const Table& table, int64_t c0, int64_t cols
   const float* xp = reinterpret_cast<const float*>(xw);
   for (int64_t e0 = 0; e0 < red; e0 += len) {
     const int64_t e1 = std::min(red, e0 + len);
-    if (transpose) pack_backward(w, c0, e0, e1, table, panel);
-    else pack_forward(w, c0, e0, e1, table, panel);
+    if (transpose) pack_backward(src, c0, e0, e1, panel);
+    else pack_forward(src, c0, e0, e1, panel);
     for (int64_t i = 0; i < tiles; ++i) accumulate(xp + (i * red + e0) * MR, panel, e1 - e0, sums + i * MR * NR, e0 > 0);
   }
   for (int64_t i = 0; i < tiles; ++i)
@@ -621,12 +646,8 @@ ffi::Error Nf4GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const int64_t cols_total = transpose ? k : n;
   panel_gemm(pool, cols_total, transpose ? n : k, xb, m, [&](int64_t c0, int64_t cols, const uint32_t* xp,
                                                                int64_t steps) {
-#if QLORA_GEMM_ISA == 2
     const Table table(t);
     panel_product(QuantizedRows{w, table}, c0, cols, transpose, xp, m, steps, yb, cols_total);
-#else
-    panel_product(w, Table(t), c0, cols, transpose, xp, m, steps, yb, cols_total);
-#endif
   });
   return ffi::Error::Success();
 }
@@ -645,10 +666,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QloraNf4Gemm, Nf4GemmImpl,
                                   .Attr<bool>("transpose"));
 #endif
 
-#if QLORA_GEMM_ISA == 2
+#ifdef QLORA_GEMM_ISA
 namespace {
 constexpr int64_t kFewRows = 4;         // decode's rows: a product with this many rows or fewer...
 constexpr int64_t kFewRowsPart = 256;  // ...reads W's rows in parts of this many, one part a task
+
+#if QLORA_GEMM_ISA == 2
 
 // Decode's few rows (M <= kFewRows) against a dense bf16 weight, forward, without panels: W's rows
 // n0 .. n1-1 four at a time, each 32-element group of a row one `vdpbf16ps` step against every
@@ -677,6 +700,47 @@ void few_rows_product(const uint16_t* x, const uint16_t* w, int64_t n0, int64_t 
   for (; j + 4 <= n1; j += 4) rows(std::integral_constant<int, 4>{}, j);
   for (; j < n1; ++j) rows(std::integral_constant<int, 1>{}, j);
 }
+#else
+// The AVX2 form: each 16-element group of a W row split into its even and odd elements as fp32
+// (exact), two FMAs with the input row's (split once, before: M x K fp32 in L1), 8 lanes summed at
+// the end of the row; Q rows of W at a time, as the registers allow (Q x M accumulators).
+template <int M>
+void few_rows_product(const uint16_t* x, const uint16_t* w, int64_t n0, int64_t n1, int64_t k, uint16_t* y,
+                      int64_t ldy) {
+  thread_local qlora_cpu::Scratch split_buffer;
+  float* xs = split_buffer.get<float>(M * k);  // row r, group g: 8 even elements, then 8 odd
+  for (int r = 0; r < M; ++r)
+    for (int64_t c = 0; c < k; c += 16)
+      for (int i = 0; i < 8; ++i) {
+        xs[r * k + c + i] = qlora_cpu::bf16_bits_to_f32(x[r * k + c + 2 * i]);
+        xs[r * k + c + 8 + i] = qlora_cpu::bf16_bits_to_f32(x[r * k + c + 2 * i + 1]);
+      }
+  auto rows = [&](auto q_count, int64_t j) {
+    constexpr int Q = decltype(q_count)::value;
+    __m256 acc[Q][M];
+    for (int q = 0; q < Q; ++q)
+      for (int r = 0; r < M; ++r) acc[q][r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k; c += 16) {
+      __m256 we[Q], wo[Q];
+      for (int q = 0; q < Q; ++q) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (j + q) * k + c));
+        we[q] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        wo[q] = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+      }
+      for (int r = 0; r < M; ++r) {
+        const __m256 xe = _mm256_load_ps(xs + r * k + c), xo = _mm256_load_ps(xs + r * k + c + 8);
+        for (int q = 0; q < Q; ++q) acc[q][r] = _mm256_fmadd_ps(wo[q], xo, _mm256_fmadd_ps(we[q], xe, acc[q][r]));
+      }
+    }
+    for (int q = 0; q < Q; ++q)
+      for (int r = 0; r < M; ++r) y[r * ldy + j + q] = qlora_cpu::f32_to_bf16_bits(qlora_cpu::reduce_add(acc[q][r]));
+  };
+  constexpr int kQ = M <= 2 ? 4 : 2;
+  int64_t j = n0;
+  for (; j + kQ <= n1; j += kQ) rows(std::integral_constant<int, kQ>{}, j);
+  for (; j < n1; ++j) rows(std::integral_constant<int, 1>{}, j);
+}
+#endif
 
 void few_rows_gemm(ffi::ThreadPool& pool, const uint16_t* x, int64_t m, const uint16_t* w, int64_t n, int64_t k,
                    uint16_t* y) {
@@ -693,7 +757,7 @@ void few_rows_gemm(ffi::ThreadPool& pool, const uint16_t* x, int64_t m, const ui
 }
 
 // Dense bf16 products (the LM head and its input gradient), the same blocks as the 4-bit weight's
-// (AMX where granted, else AVX-512 BF16 dot products; decode's few rows without panels) with the
+// (AMX where granted, else AVX-512 BF16 dot products or AVX2 FMAs; decode's few rows without panels) with the
 // panel read from a bf16 weight [N, K]: forward y [M, N] = x [M, K] @ W^T, backward
 // dx [M, K] = dy [M, N] @ W. Needs K a multiple of 32 and, backward, N even.
 ffi::Error DenseGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> weight,

@@ -276,8 +276,9 @@ def run_qlora_jax(config: CompareConfig, ckpt: Path, work: Path) -> dict:
                  dtype == jnp.bfloat16 else "XLA's attention")
     if cpu_nf4.gemm_isa() == "amx_bf16" and dtype == jnp.bfloat16:
         attention += " and the LM head's two products on AMX (cpu_dense_gemm)"
-    elif cpu_nf4.gemm_isa() == "avx512_bf16" and dtype == jnp.bfloat16:
-        attention += " and the LM head's logits on the native kernel (AVX-512 BF16, cpu_dense_gemm)"
+    elif cpu_nf4.gemm_isa() in ("avx512_bf16", "avx2") and dtype == jnp.bfloat16:
+        isa = {"avx512_bf16": "AVX-512 BF16", "avx2": "AVX2"}[cpu_nf4.gemm_isa()]
+        attention += f" and the LM head's logits on the native kernel ({isa}, cpu_dense_gemm)"
     from_m = cpu_nf4.gemm_from_m()
     gemv_rows = f"{cpu_nf4.MAX_M} rows" + (f" (bfloat16: {from_m - 1})" if from_m else "")
     result["configuration"] = (f"from_pretrained(scan_layers={SCAN_LAYERS}), kernel 'auto' (on CPU: the native "

@@ -276,7 +276,7 @@ def swiglu(gate, up):
     """``silu(gate) * up`` as transformers' ``act_fn(gate_proj(x)) * up_proj(x)`` computes it in
     PyTorch: silu in fp32, rounded to the activation dtype once, then the product. Its gradient is
     torch's (``silu_backward`` on fp32 values), saving only gate and up. In bf16 on a single CPU
-    device with AVX-512 native kernels run both in one pass each (``kernels.cpu_nf4.cpu_swiglu``:
+    device with AVX-512 or AVX2 native kernels run both in one pass each (``kernels.cpu_nf4.cpu_swiglu``:
     XLA:CPU ran them as a dozen loops with fp32 temporaries)."""
     return _swiglu(gate, up)
 

@@ -49,7 +49,7 @@ def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
 
 def apply_rope(x_BxSxHxD: jnp.ndarray, cos_BxSxD: jnp.ndarray, sin_BxSxD: jnp.ndarray) -> jnp.ndarray:
     """``x * cos + rotate_half(x) * sin`` with cos/sin broadcast over the heads axis. In bf16 on a
-    single CPU device with AVX-512 the native kernels run it and its gradient, bit for bit
+    single CPU device with AVX-512 or AVX2 the native kernels run it and its gradient, bit for bit
     (``kernels.cpu_nf4.cpu_rope``: XLA:CPU ran the concatenate element by element)."""
     if _native_rope(x_BxSxHxD, cos_BxSxD, sin_BxSxD):
         return _rope_native(x_BxSxHxD, cos_BxSxD, sin_BxSxD)
