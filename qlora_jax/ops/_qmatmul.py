@@ -373,7 +373,8 @@ def qmatmul(x: jax.Array, w, *, backend: str = "auto", interpret: bool = False, 
         in fp32, the result is returned in it).
       w: a dense array [out, in] (plain dot), an unstacked QuantizedArray [out, in], or an
         unstacked Int8Array [out, in] (LLM.int8(), ``ops._int8``); a stacked one is taken slice
-        by slice by the caller's ``nnx.scan`` / ``jax.vmap``.
+        by slice by the caller's ``nnx.scan`` / ``jax.vmap``, or one layer of it as a
+        ``LayerOfStack`` (the decoder's scanned decoding: the CPU GEMV reads it in place).
       backend: "auto" | "pallas" | "triton" | "cpu" | "xla" (quantization config key ``kernel``).
       interpret: run a Pallas kernel in interpret mode (kernel backends); also on when the
         environment sets ``QLORA_JAX_PALLAS_INTERPRET=1``, so whole models run the kernels on CPU
