@@ -102,11 +102,14 @@ def test_scanned_nf4_decoding_reads_stacked_codes_in_place(tmp_path, monkeypatch
     model = qlora_jax.from_pretrained(tmp_path, quantization=qlora_jax.QuantConfig(compute_dtype="bfloat16"),
                                       dtype=jnp.bfloat16)
     apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    ids = jnp.asarray(PROMPTS, jnp.int32)
-    mask = jnp.asarray(MASK, jnp.int32)
+    # a prefill of 4 rows: under the GEMM kernel's threshold on every CPU (AMX from 6 rows), so that
+    # it takes the GEMV as the decoding step does
+    ids = jnp.asarray(PROMPTS[:, -2:], jnp.int32)
+    mask = jnp.ones_like(ids)
     positions = _decoder.position_ids_from_mask(mask)
     kv_mask = jnp.concatenate([mask, jnp.ones((2, 3), jnp.int32)], axis=1)
     graphdef, state = nnx.split(model)
+    assert cpu_nf4.gemv_takes(ids.size, 64, 64, 64, jnp.bfloat16)
 
     @jax.jit
     def decode(state):
