@@ -43,13 +43,10 @@ def _rms_norm(x, w, eps):
     return _rms_norm_fwd(x, w, eps)[0]
 
 
-def _rms_stat(x32, eps):
-    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-
-
 def _rms_norm_fwd(x, w, eps):
-    r = _rms_stat(x.astype(jnp.float32), eps)
-    return w * (x.astype(jnp.float32) * r).astype(x.dtype), (*stash(x), w, r)
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * (x32 * r).astype(x.dtype), (*stash(x), w, r)
 
 
 def _rms_norm_bwd(eps, res, g):
